@@ -1,0 +1,88 @@
+# nginx-authentik: build, package, test.
+#   make module            module for Debian's nginx 1.22.1 -> build/ngx_http_authentik_module.so
+#   make module-vendored   nginx 1.28 + module             -> build/vendored/{sbin/nginx,ngx_http_authentik_module.so}
+#   make test              every test (lint, unit, end-to-end on both targets, package)
+#   make demo              nginx + module + local identity provider + sample app
+SHELL := /bin/bash
+BUILD := $(CURDIR)/build
+CARGO ?= cargo
+PROFILE ?= release
+MODULE_SO := libngx_http_authentik_module.so
+RUST_SOURCES := $(shell find src core/src -name '*.rs') Cargo.toml core/Cargo.toml build.rs Cargo.lock
+
+DEBIAN_SRC := /usr/share/nginx/src
+DEBIAN_OBJS := $(BUILD)/nginx-objs
+DEBIAN_TARGET := $(BUILD)/target-debian
+VENDORED_TARGET := $(BUILD)/target-vendored
+
+.PHONY: all module module-vendored deps check unittest e2e test demo deb docker-image bench bench-smoke clean
+
+all: module module-vendored
+
+deps:
+	@.ci/deps.sh
+
+# --- Debian's nginx 1.22.1 -------------------------------------------------------------
+$(DEBIAN_OBJS)/Makefile: | $(DEBIAN_SRC)/conf_flags
+	@mkdir -p $(DEBIAN_OBJS)
+	cd $(DEBIAN_SRC) && . ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}" --builddir=$(DEBIAN_OBJS) > $(DEBIAN_OBJS)/configure.log
+
+$(DEBIAN_SRC)/conf_flags:
+	@.ci/deps.sh build
+
+$(BUILD)/ngx_http_authentik_module.so: $(DEBIAN_OBJS)/Makefile $(RUST_SOURCES)
+	NGINX_SOURCE_DIR=$(DEBIAN_SRC) NGINX_BUILD_DIR=$(DEBIAN_OBJS) CARGO_TARGET_DIR=$(DEBIAN_TARGET) \
+		$(CARGO) build --locked --profile $(PROFILE) -p nginx-authentik
+	cp $(DEBIAN_TARGET)/$(PROFILE)/$(MODULE_SO) $@
+
+module: $(BUILD)/ngx_http_authentik_module.so
+
+# --- vendored nginx 1.28 ---------------------------------------------------------------
+$(BUILD)/vendored/ngx_http_authentik_module.so: $(RUST_SOURCES) | $(DEBIAN_SRC)/conf_flags
+	CARGO_TARGET_DIR=$(VENDORED_TARGET) $(CARGO) build --locked --profile $(PROFILE) -p nginx-authentik --features vendored
+	@mkdir -p $(BUILD)/vendored/sbin
+	cp $(VENDORED_TARGET)/$(PROFILE)/$(MODULE_SO) $@
+	cp "$$(ls -t $(VENDORED_TARGET)/$(PROFILE)/build/nginx-sys-*/out/objs/nginx | head -n1)" $(BUILD)/vendored/sbin/nginx
+
+module-vendored: $(BUILD)/vendored/ngx_http_authentik_module.so
+
+# --- checks and tests ------------------------------------------------------------------
+check: $(DEBIAN_OBJS)/Makefile
+	$(CARGO) fmt --all -- --check
+	NGINX_SOURCE_DIR=$(DEBIAN_SRC) NGINX_BUILD_DIR=$(DEBIAN_OBJS) CARGO_TARGET_DIR=$(DEBIAN_TARGET) \
+		$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+unittest:
+	CARGO_TARGET_DIR=$(BUILD)/target-core $(CARGO) test --locked -p authentik-core
+
+e2e: module module-vendored deb docker-image
+	@.ci/deps.sh test
+	$(BUILD)/venv/bin/python -m pytest -n 2 t/
+
+# .ci/run runs these one by one (make print-TEST_STAGES) to time and report each.
+TEST_STAGES := check unittest e2e bench-smoke
+test: $(TEST_STAGES)
+
+deb: module
+	packaging/build-deb.sh $(BUILD)/ngx_http_authentik_module.so $(BUILD)
+
+# Docker is not run here: stage what Dockerfile.build's second stage copies, from the vendored
+# build (nginx 1.28.3 --with-compat, as in the official image); t/test_docker_stage.py checks it.
+docker-image: module-vendored
+	packaging/docker-stage.sh --module $(BUILD)/vendored/ngx_http_authentik_module.so $(BUILD)/docker
+
+demo: module
+	@.ci/deps.sh test
+	$(BUILD)/venv/bin/python t/demo.py
+
+bench: module
+	bench/run.sh
+
+bench-smoke: module
+	BENCH_SMOKE=1 bench/run.sh
+
+print-%:
+	@echo $($*)
+
+clean:
+	rm -rf $(BUILD)

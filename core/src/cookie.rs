@@ -1,0 +1,173 @@
+//! Cookie names, lookup in `Cookie` headers, and `Set-Cookie` values.
+
+use sha2::{Digest, Sha256};
+
+/// `authentik_proxy_` + first 8 hex of sha256(client_id): authentik's session cookie name.
+pub fn session_cookie_name(client_id: &str) -> String {
+    let digest = Sha256::digest(client_id.as_bytes());
+    let mut name = String::from("authentik_proxy_");
+    for byte in &digest[..4] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    name
+}
+
+/// Name of the cookie that binds one pending login to the browser that started it:
+/// `<session cookie name>_login_<first 12 chars of the state>`. One per login, so tabs never
+/// overwrite each other's.
+pub fn login_cookie_name(session_cookie_name: &str, state: &str) -> String {
+    let state_prefix: String = state.chars().take(12).collect();
+    format!("{session_cookie_name}_login_{state_prefix}")
+}
+
+/// The `name=value` pairs of a `Cookie` header, each trimmed; pairs without `=` have an empty
+/// value. Empty pieces are skipped.
+fn cookie_pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
+    header.split(|&b| b == b';').filter_map(|piece| {
+        let piece = piece.trim_ascii();
+        if piece.is_empty() {
+            return None;
+        }
+        let (name, value) = match piece.iter().position(|&b| b == b'=') {
+            Some(eq) => (&piece[..eq], &piece[eq + 1..]),
+            None => (piece, &piece[piece.len()..]),
+        };
+        Some((piece, name.trim_ascii(), value.trim_ascii()))
+    })
+}
+
+/// Finds the value of cookie `name` in one `Cookie` header value (`a=1; b=2`). Exact,
+/// case-sensitive name match; surrounding whitespace trimmed; the first occurrence wins.
+pub fn find_cookie<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    cookie_pairs(header).find(|(_, cookie_name, _)| *cookie_name == name).map(|(_, _, v)| v)
+}
+
+/// The `Cookie` header value with every cookie named `name` removed. `None` when nothing was
+/// removed; `Some(vec![])` when nothing is left.
+pub fn remove_cookie(header: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut kept: Vec<u8> = Vec::with_capacity(header.len());
+    let mut removed = false;
+    for (piece, cookie_name, _) in cookie_pairs(header) {
+        if cookie_name == name {
+            removed = true;
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.extend_from_slice(b"; ");
+        }
+        kept.extend_from_slice(piece);
+    }
+    removed.then_some(kept)
+}
+
+/// Attributes of a cookie the module sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieAttributes<'a> {
+    pub path: &'a str,
+    pub domain: Option<&'a str>,
+    pub secure: bool,
+}
+
+/// `name=value; Path=..; [Domain=..;] Max-Age=N; HttpOnly; [Secure;] SameSite=Lax`.
+/// `max_age` is clamped to >= 0.
+pub fn set_cookie(name: &str, value: &str, max_age: i64, attrs: &CookieAttributes<'_>) -> String {
+    let max_age = max_age.max(0);
+    let mut cookie = format!("{name}={value}; Path={}", attrs.path);
+    push_domain(&mut cookie, attrs);
+    cookie.push_str(&format!("; Max-Age={max_age}"));
+    push_flags(&mut cookie, attrs);
+    cookie
+}
+
+/// A `Set-Cookie` that deletes the cookie: empty value, `Max-Age=0` and an `Expires` in 1970,
+/// with the same Path/Domain so the browser matches it.
+pub fn expire_cookie(name: &str, attrs: &CookieAttributes<'_>) -> String {
+    let mut cookie = format!("{name}=; Path={}", attrs.path);
+    push_domain(&mut cookie, attrs);
+    cookie.push_str("; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
+    push_flags(&mut cookie, attrs);
+    cookie
+}
+
+fn push_domain(cookie: &mut String, attrs: &CookieAttributes<'_>) {
+    if let Some(domain) = attrs.domain {
+        cookie.push_str("; Domain=");
+        cookie.push_str(domain);
+    }
+}
+
+fn push_flags(cookie: &mut String, attrs: &CookieAttributes<'_>) {
+    cookie.push_str("; HttpOnly");
+    if attrs.secure {
+        cookie.push_str("; Secure");
+    }
+    cookie.push_str("; SameSite=Lax");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_cookie_name_is_authentiks() {
+        // sha256("abc") = ba7816bf...
+        assert_eq!(session_cookie_name("abc"), "authentik_proxy_ba7816bf");
+        assert_eq!(session_cookie_name("abc").len(), "authentik_proxy_".len() + 8);
+        assert_ne!(session_cookie_name("abc"), session_cookie_name("abd"));
+    }
+
+    #[test]
+    fn login_cookie_name_uses_twelve_chars_of_state() {
+        let name = login_cookie_name("authentik_proxy_ba7816bf", "0123456789abcdefXYZ");
+        assert_eq!(name, "authentik_proxy_ba7816bf_login_0123456789ab");
+        assert_eq!(login_cookie_name("c", "short"), "c_login_short");
+    }
+
+    #[test]
+    fn find_cookie_exact_first_trimmed() {
+        let header = b"a=1; session=abc ;  session=second; Session=upper";
+        assert_eq!(find_cookie(header, b"session"), Some(&b"abc"[..]));
+        assert_eq!(find_cookie(header, b"Session"), Some(&b"upper"[..]));
+        assert_eq!(find_cookie(header, b"a"), Some(&b"1"[..]));
+        assert_eq!(find_cookie(header, b"sess"), None);
+        assert_eq!(find_cookie(header, b"ession"), None);
+        assert_eq!(find_cookie(b"", b"a"), None);
+        assert_eq!(find_cookie(b";;flag; x=", b"flag"), Some(&b""[..]));
+        assert_eq!(find_cookie(b";;flag; x=", b"x"), Some(&b""[..]));
+        assert_eq!(find_cookie(b"a=b=c", b"a"), Some(&b"b=c"[..]));
+        assert_eq!(find_cookie(b"\ta=1\t", b"a"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn remove_cookie_removes_every_occurrence() {
+        assert_eq!(remove_cookie(b"a=1; s=2; b=3; s=4", b"s"), Some(b"a=1; b=3".to_vec()));
+        assert_eq!(remove_cookie(b"s=2", b"s"), Some(Vec::new()));
+        assert_eq!(remove_cookie(b"a=1; b=2", b"s"), None);
+        assert_eq!(remove_cookie(b"", b"s"), None);
+        assert_eq!(remove_cookie(b"  s=1 ;a=2", b"s"), Some(b"a=2".to_vec()));
+    }
+
+    #[test]
+    fn set_cookie_has_every_attribute() {
+        let attrs = CookieAttributes { path: "/", domain: Some("example.com"), secure: true };
+        assert_eq!(
+            set_cookie("n", "v", 3600, &attrs),
+            "n=v; Path=/; Domain=example.com; Max-Age=3600; HttpOnly; Secure; SameSite=Lax"
+        );
+        let attrs = CookieAttributes { path: "/app", domain: None, secure: false };
+        assert_eq!(
+            set_cookie("n", "v", -5, &attrs),
+            "n=v; Path=/app; Max-Age=0; HttpOnly; SameSite=Lax"
+        );
+    }
+
+    #[test]
+    fn expire_cookie_matches_path_and_domain() {
+        let attrs = CookieAttributes { path: "/", domain: Some("example.com"), secure: true };
+        assert_eq!(
+            expire_cookie("n", &attrs),
+            "n=; Path=/; Domain=example.com; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; \
+             HttpOnly; Secure; SameSite=Lax"
+        );
+    }
+}

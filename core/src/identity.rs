@@ -1,0 +1,252 @@
+//! authentik's identity headers: which names, what values, and which client headers to remove.
+
+use serde_json::{Map, Value};
+
+/// The user-specific headers, in a fixed order; `Identity` stores values in this order.
+pub const IDENTITY_HEADERS: [&str; 7] = [
+    "X-authentik-username",
+    "X-authentik-groups",
+    "X-authentik-entitlements",
+    "X-authentik-email",
+    "X-authentik-name",
+    "X-authentik-uid",
+    "X-authentik-jwt",
+];
+
+/// Values of one user's identity headers, plus `additionalHeaders`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity {
+    /// Same order as [`IDENTITY_HEADERS`]; missing claims give "".
+    pub values: [String; 7],
+    /// `ak_proxy.user_attributes.additionalHeaders` (name, value), in claim order; names that are
+    /// not valid HTTP tokens, and values with CR/LF/NUL, are dropped. Strings as-is, integers
+    /// in decimal, null as "", other JSON values as compact JSON (like authentik's Rust outpost).
+    pub additional: Vec<(String, String)>,
+}
+
+impl Identity {
+    /// username = preferred_username, groups/entitlements joined with `|`, email, name,
+    /// uid = sub, jwt = the access token. CR/LF/NUL are removed from every value.
+    pub fn from_claims(claims: &Map<String, Value>, access_token: &str) -> Identity {
+        let text = |name: &str| claims.get(name).map(scalar_text).unwrap_or_default();
+        let list = |name: &str| claims.get(name).map(joined_list).unwrap_or_default();
+        let values = [
+            text("preferred_username"),
+            list("groups"),
+            list("entitlements"),
+            text("email"),
+            text("name"),
+            text("sub"),
+            access_token.to_owned(),
+        ];
+        Identity {
+            values: values.map(|value| strip_control(&value)),
+            additional: additional_headers(claims),
+        }
+    }
+    pub fn username(&self) -> &str {
+        &self.values[0]
+    }
+}
+
+/// `true` when a client-sent header name must be removed before the upstream sees the request:
+/// any name that, lowercased and with `_` read as `-`, starts with `x-authentik-`, or equals one
+/// of `extra` (already lowercased, e.g. the additionalHeaders names or `x-forwarded-host`).
+pub fn is_forged_identity_header(name: &[u8], extra: &[&str]) -> bool {
+    const PREFIX: &[u8] = b"x-authentik-";
+    let starts_with_prefix =
+        name.len() >= PREFIX.len() && header_names_equal(&name[..PREFIX.len()], PREFIX);
+    starts_with_prefix || extra.iter().any(|e| header_names_equal(name, e.as_bytes()))
+}
+
+/// Case-insensitive comparison of two header names, reading `_` as `-` (nginx passes
+/// `underscores_in_headers` names through, and many upstreams treat both alike).
+fn header_names_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| fold_name_byte(x) == fold_name_byte(y))
+}
+
+fn fold_name_byte(byte: u8) -> u8 {
+    match byte {
+        b'_' => b'-',
+        other => other.to_ascii_lowercase(),
+    }
+}
+
+/// `value` without CR, LF and NUL: the bytes that would split or cut a header.
+pub(crate) fn strip_control(value: &str) -> String {
+    value.chars().filter(|c| !matches!(c, '\r' | '\n' | '\0')).collect()
+}
+
+fn has_control(value: &str) -> bool {
+    value.contains(['\r', '\n', '\0'])
+}
+
+/// Strings as-is, numbers and booleans in JSON form, anything else "".
+fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// An array's string items joined with `|` (other items skipped); a plain string as is.
+fn joined_list(value: &Value) -> String {
+    match value {
+        Value::Array(items) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("|"),
+        Value::String(s) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+/// `ak_proxy.user_attributes.additionalHeaders`, keeping valid names and safe values.
+fn additional_headers(claims: &Map<String, Value>) -> Vec<(String, String)> {
+    let headers = claims
+        .get("ak_proxy")
+        .and_then(|p| p.get("user_attributes"))
+        .and_then(|a| a.get("additionalHeaders"))
+        .and_then(Value::as_object);
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    headers
+        .iter()
+        .filter(|(name, _)| is_token(name))
+        .map(|(name, value)| (name.clone(), additional_header_value(value)))
+        .filter(|(_, value)| !has_control(value))
+        .collect()
+}
+
+/// Like authentik's Rust outpost: strings as-is, integers in decimal, null as "", other values
+/// as compact JSON.
+fn additional_header_value(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// RFC 7230 `token`: one or more tchar.
+pub fn is_token(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(is_tchar)
+}
+
+fn is_tchar(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn claims(value: Value) -> Map<String, Value> {
+        value.as_object().expect("test claims are an object").clone()
+    }
+
+    #[test]
+    fn from_claims_fills_every_header_in_order() {
+        let claims = claims(json!({
+            "sub": "abc123",
+            "preferred_username": "akadmin",
+            "groups": ["admins", 7, "users", null],
+            "entitlements": "single",
+            "email": "root@example.com",
+            "name": "Admin\r\nX-Evil: 1\0",
+        }));
+        let identity = Identity::from_claims(&claims, "access.token");
+        assert_eq!(
+            identity.values,
+            [
+                "akadmin",
+                "admins|users",
+                "single",
+                "root@example.com",
+                "AdminX-Evil: 1",
+                "abc123",
+                "access.token",
+            ]
+            .map(String::from)
+        );
+        assert_eq!(identity.username(), "akadmin");
+        assert!(identity.additional.is_empty());
+    }
+
+    #[test]
+    fn missing_claims_give_empty_values() {
+        let identity = Identity::from_claims(&Map::new(), "tok\n");
+        assert_eq!(identity.values[..6], ["", "", "", "", "", ""].map(String::from));
+        assert_eq!(identity.values[6], "tok");
+    }
+
+    #[test]
+    fn additional_headers_keep_order_and_drop_unsafe_entries() {
+        let claims = claims(json!({
+            "ak_proxy": {"user_attributes": {"additionalHeaders": {
+                "Zeta": "last-name-first",
+                "X-Number": 42,
+                "X-Null": null,
+                "X-Bool": true,
+                "X-Object": {"a": [1, "b"]},
+                "Bad Name": "space",
+                "Bad:Name": "colon",
+                "": "empty",
+                "X-Split": "a\r\nInjected: 1",
+                "X-Nul": "a\0b",
+                "X-Float": 1.5,
+            }}}
+        }));
+        let identity = Identity::from_claims(&claims, "");
+        let expected = [
+            ("Zeta", "last-name-first"),
+            ("X-Number", "42"),
+            ("X-Null", ""),
+            ("X-Bool", "true"),
+            ("X-Object", r#"{"a":[1,"b"]}"#),
+            ("X-Float", "1.5"),
+        ]
+        .map(|(n, v)| (n.to_owned(), v.to_owned()));
+        assert_eq!(identity.additional, expected);
+    }
+
+    #[test]
+    fn additional_headers_must_be_an_object() {
+        let claims = claims(json!({"ak_proxy": {"user_attributes": {"additionalHeaders": ["x"]}}}));
+        assert!(Identity::from_claims(&claims, "").additional.is_empty());
+        let claims = claims_without_proxy();
+        assert!(Identity::from_claims(&claims, "").additional.is_empty());
+    }
+
+    fn claims_without_proxy() -> Map<String, Value> {
+        claims(json!({"ak_proxy": "nope"}))
+    }
+
+    #[test]
+    fn forged_headers_are_recognised() {
+        assert!(is_forged_identity_header(b"X-authentik-username", &[]));
+        assert!(is_forged_identity_header(b"x-AUTHENTIK-anything", &[]));
+        assert!(is_forged_identity_header(b"X_Authentik_Groups", &[]));
+        assert!(is_forged_identity_header(b"x-authentik-", &[]));
+        assert!(!is_forged_identity_header(b"x-authentik", &[]));
+        assert!(!is_forged_identity_header(b"X-Authentication", &[]));
+        assert!(!is_forged_identity_header(b"", &[]));
+        let extra = ["x-forwarded-host", "x-team"];
+        assert!(is_forged_identity_header(b"X-Forwarded-Host", &extra));
+        assert!(is_forged_identity_header(b"x_forwarded_host", &extra));
+        assert!(is_forged_identity_header(b"X-TEAM", &extra));
+        assert!(!is_forged_identity_header(b"X-Team2", &extra));
+        assert!(!is_forged_identity_header(b"X-Forwarded-For", &extra));
+    }
+
+    #[test]
+    fn tokens_follow_rfc7230() {
+        assert!(is_token("X-Custom_Header.1~"));
+        assert!(!is_token(""));
+        assert!(!is_token("a b"));
+        assert!(!is_token("a:b"));
+        assert!(!is_token("é"));
+        assert!(!is_token("a\tb"));
+    }
+}

@@ -1,0 +1,16 @@
+//! The OpenID Connect relying party: discovery, login requests, token validation, and the
+//! blocking provider client that runs on nginx's thread pool (never on the event loop).
+
+pub mod client;
+pub mod discovery;
+pub mod flow;
+pub mod jwt;
+pub mod login;
+
+pub use client::{ProviderClient, ProviderError};
+pub use discovery::{Discovery, Jwks};
+pub use flow::{complete_login, LoginError, MetadataCache};
+pub use login::{authorize_url, PendingLogin};
+
+#[cfg(test)]
+pub(crate) mod test_server;

@@ -1,0 +1,410 @@
+//! Session ids and the session record kept in nginx shared memory.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::identity::Identity;
+use crate::wire::{self, Reader, WireError};
+use crate::UnixTime;
+
+/// Version byte of the current [`SessionRecord`] encoding.
+const RECORD_VERSION: u8 = 1;
+/// Length of a session id's cookie value (32 bytes in base64url without padding).
+const COOKIE_VALUE_LEN: usize = 43;
+
+/// A 256-bit random session id from the OS CSPRNG; a fresh one at every login.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub [u8; 32]);
+
+impl SessionId {
+    pub fn generate() -> SessionId {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).expect("the OS random number generator works");
+        SessionId(bytes)
+    }
+    /// base64url without padding: 43 characters. This is the cookie value.
+    pub fn to_cookie_value(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0)
+    }
+    /// Strict inverse of `to_cookie_value`; anything else (length, alphabet) is `None`.
+    pub fn from_cookie_value(value: &[u8]) -> Option<SessionId> {
+        if value.len() != COOKIE_VALUE_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        // The engine rejects padding, other alphabets and non-zero trailing bits: one value per id.
+        let written = URL_SAFE_NO_PAD.decode_slice(value, &mut bytes).ok()?;
+        (written == bytes.len()).then_some(SessionId(bytes))
+    }
+    /// First 8 bytes as a little-endian u64: the rbtree key in shared memory.
+    pub fn key(&self) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
+impl core::fmt::Debug for SessionId {
+    /// Never prints the id itself (it is a credential): only its first 4 hex characters.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "SessionId({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+/// Everything a session needs on the hot path, computed once at login.
+/// Encoded into a compact byte string stored in shared memory (`encode`/`decode`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionRecord {
+    /// `sub` claim: sign_out removes every session with the same `sub`.
+    pub sub: String,
+    /// `sid` claim if any (back-channel logout correlates on it).
+    pub sid: Option<String>,
+    /// When the session ends: min(token exp, login time + zone timeout).
+    pub expires_at: UnixTime,
+    /// Identity header values, in the order of [`crate::identity::IDENTITY_HEADERS`]
+    /// (username, groups, entitlements, email, name, uid, jwt).
+    pub identity: crate::identity::Identity,
+    /// id_token, for `id_token_hint` at sign_out.
+    pub id_token: String,
+    /// All top-level claims (id_token merged with userinfo) as a JSON object, for
+    /// `$authentik_claim_<name>`.
+    pub claims_json: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("truncated session record")]
+    Truncated,
+    #[error("unsupported session record version {0}")]
+    Version(u8),
+    #[error("invalid utf-8 in session record")]
+    Utf8,
+}
+
+impl From<WireError> for RecordError {
+    fn from(error: WireError) -> RecordError {
+        match error {
+            WireError::Truncated => RecordError::Truncated,
+            WireError::Utf8 => RecordError::Utf8,
+        }
+    }
+}
+
+impl SessionRecord {
+    /// Versioned, length-prefixed binary encoding.
+    ///
+    /// Layout (integers little-endian, strings as a u32 length then UTF-8 bytes):
+    /// version `1`, `expires_at` i64, `sub`, sid flag u8 (0/1) [+ `sid`], the 7 identity values,
+    /// additional header count u32 + (name, value) pairs, `id_token`, `claims_json`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        wire::put_u8(&mut out, RECORD_VERSION);
+        wire::put_i64(&mut out, self.expires_at);
+        wire::put_str(&mut out, &self.sub);
+        match &self.sid {
+            Some(sid) => {
+                wire::put_u8(&mut out, 1);
+                wire::put_str(&mut out, sid);
+            }
+            None => wire::put_u8(&mut out, 0),
+        }
+        for value in &self.identity.values {
+            wire::put_str(&mut out, value);
+        }
+        wire::put_len(&mut out, self.identity.additional.len());
+        for (name, value) in &self.identity.additional {
+            wire::put_str(&mut out, name);
+            wire::put_str(&mut out, value);
+        }
+        wire::put_str(&mut out, &self.id_token);
+        wire::put_str(&mut out, &self.claims_json);
+        out
+    }
+
+    fn encoded_len(&self) -> usize {
+        let sid = self.sid.as_deref().map_or(0, wire::str_size);
+        let identity: usize = self.identity.values.iter().map(|v| wire::str_size(v)).sum();
+        let additional: usize = self
+            .identity
+            .additional
+            .iter()
+            .map(|(n, v)| wire::str_size(n) + wire::str_size(v))
+            .sum();
+        1 + 8
+            + wire::str_size(&self.sub)
+            + 1
+            + sid
+            + identity
+            + 4
+            + additional
+            + wire::str_size(&self.id_token)
+            + wire::str_size(&self.claims_json)
+    }
+
+    /// Never panics on any input (fuzzed).
+    pub fn decode(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
+        let mut reader = Reader::new(bytes);
+        let (expires_at, sub) = read_header(&mut reader)?;
+        let sid = match reader.u8()? {
+            0 => None,
+            // Any other flag is a corrupt record; it can only come from a cut-off or foreign write.
+            1 => Some(reader.str()?.to_owned()),
+            _ => return Err(RecordError::Truncated),
+        };
+        let mut identity = Identity::default();
+        for value in &mut identity.values {
+            *value = reader.str()?.to_owned();
+        }
+        let count = usize::try_from(reader.u32()?).map_err(|_| RecordError::Truncated)?;
+        // Each pair takes at least 8 bytes: never trust the count for the allocation.
+        identity.additional = Vec::with_capacity(count.min(reader.remaining() / 8));
+        for _ in 0..count {
+            let name = reader.str()?.to_owned();
+            let value = reader.str()?.to_owned();
+            identity.additional.push((name, value));
+        }
+        let id_token = reader.str()?.to_owned();
+        let claims_json = reader.str()?.to_owned();
+        if !reader.is_empty() {
+            // Bytes after the last field: the record's length does not match its content.
+            return Err(RecordError::Truncated);
+        }
+        Ok(SessionRecord { sub: sub.to_owned(), sid, expires_at, identity, id_token, claims_json })
+    }
+
+    /// Reads only `expires_at` and `sub` without decoding the rest (used under the zone lock).
+    pub fn peek_sub(bytes: &[u8]) -> Option<&str> {
+        read_header(&mut Reader::new(bytes)).ok().map(|(_, sub)| sub)
+    }
+
+    /// Reads only `expires_at`, without decoding the rest; `None` for a record this version
+    /// cannot read.
+    pub fn peek_expires_at(bytes: &[u8]) -> Option<UnixTime> {
+        read_header(&mut Reader::new(bytes)).ok().map(|(expires_at, _)| expires_at)
+    }
+
+    /// Value of top-level claim `name` as a header-safe string: strings as-is, numbers and
+    /// booleans in JSON form, arrays of strings joined with `|`, other values as compact JSON,
+    /// null/absent as `None`.
+    pub fn claim(&self, name: &str) -> Option<String> {
+        let claims: Map<String, Value> = serde_json::from_str(&self.claims_json).ok()?;
+        let text = match claims.get(name)? {
+            Value::Null => return None,
+            Value::String(s) => s.clone(),
+            Value::Array(items) => match strings_of(items) {
+                Some(strings) => strings.join("|"),
+                None => Value::Array(items.clone()).to_string(),
+            },
+            other => other.to_string(),
+        };
+        Some(crate::identity::strip_control(&text))
+    }
+}
+
+/// All items as `&str`, or `None` when one is not a string.
+fn strings_of(items: &[Value]) -> Option<Vec<&str>> {
+    items.iter().map(Value::as_str).collect()
+}
+
+/// Version, `expires_at` and `sub`: the fixed start of every record.
+fn read_header<'a>(reader: &mut Reader<'a>) -> Result<(UnixTime, &'a str), RecordError> {
+    let version = reader.u8()?;
+    if version != RECORD_VERSION {
+        return Err(RecordError::Version(version));
+    }
+    let expires_at = reader.i64()?;
+    let sub = reader.str()?;
+    Ok((expires_at, sub))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_record() -> SessionRecord {
+        SessionRecord {
+            sub: "user-sub-1".into(),
+            sid: Some("sid-9".into()),
+            expires_at: 1_700_000_000,
+            identity: Identity {
+                values: [
+                    "akadmin".into(),
+                    "admins|users".into(),
+                    "".into(),
+                    "root@example.com".into(),
+                    "Admin Istrator".into(),
+                    "user-sub-1".into(),
+                    "eyJ.access.token".into(),
+                ],
+                additional: vec![("X-Team".into(), "blue".into()), ("X-Id".into(), "7".into())],
+            },
+            id_token: "eyJ.id.token".into(),
+            claims_json: r#"{"sub":"user-sub-1","groups":["admins","users"],"age":42,"ok":true,"n":null,"obj":{"a":1},"mixed":["a",1],"line":"a\nb\rc"}"#.into(),
+        }
+    }
+
+    #[test]
+    fn session_id_cookie_value_round_trips() {
+        let id = SessionId::generate();
+        let value = id.to_cookie_value();
+        assert_eq!(value.len(), 43);
+        assert!(value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_eq!(SessionId::from_cookie_value(value.as_bytes()), Some(id));
+    }
+
+    #[test]
+    fn session_ids_are_random() {
+        assert_ne!(SessionId::generate(), SessionId::generate());
+    }
+
+    #[test]
+    fn from_cookie_value_is_strict() {
+        let value = SessionId([0xab; 32]).to_cookie_value();
+        assert!(SessionId::from_cookie_value(&value.as_bytes()[..42]).is_none());
+        assert!(SessionId::from_cookie_value(format!("{value}A").as_bytes()).is_none());
+        assert!(SessionId::from_cookie_value(format!("{value}=").as_bytes()).is_none());
+        let standard_alphabet = value.replace('-', "+").replace('_', "/");
+        let with_plus = format!("+{}", &standard_alphabet[1..]);
+        assert!(SessionId::from_cookie_value(with_plus.as_bytes()).is_none());
+        // Last char carries 2 unused bits: a non-canonical variant must not decode to the same id.
+        let mut non_canonical = value.clone().into_bytes();
+        non_canonical[42] = if non_canonical[42] == b'B' { b'C' } else { b'B' };
+        let decoded = SessionId::from_cookie_value(&non_canonical);
+        assert!(decoded.is_none() || decoded != Some(SessionId([0xab; 32])));
+        assert!(SessionId::from_cookie_value(b"").is_none());
+        assert!(SessionId::from_cookie_value(&[0xff; 43]).is_none());
+    }
+
+    #[test]
+    fn key_is_first_eight_bytes_little_endian() {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(SessionId(bytes).key(), 0x0807_0605_0403_0201);
+    }
+
+    #[test]
+    fn debug_does_not_print_the_id() {
+        let id = SessionId([0xab; 32]);
+        let printed = format!("{id:?}");
+        assert_eq!(printed, "SessionId(abab..)");
+        assert!(!printed.contains(&id.to_cookie_value()));
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let record = sample_record();
+        let bytes = record.encode();
+        assert_eq!(bytes[0], RECORD_VERSION);
+        assert_eq!(bytes.len(), record.encoded_len());
+        assert_eq!(SessionRecord::decode(&bytes), Ok(record));
+        let empty = SessionRecord::default();
+        assert_eq!(SessionRecord::decode(&empty.encode()), Ok(empty));
+    }
+
+    #[test]
+    fn peek_reads_sub_and_expiry() {
+        let bytes = sample_record().encode();
+        assert_eq!(SessionRecord::peek_sub(&bytes), Some("user-sub-1"));
+        assert_eq!(SessionRecord::peek_expires_at(&bytes), Some(1_700_000_000));
+        assert_eq!(SessionRecord::peek_sub(&bytes[..5]), None);
+        assert_eq!(SessionRecord::peek_sub(&[]), None);
+    }
+
+    #[test]
+    fn unknown_version_is_refused() {
+        let mut bytes = sample_record().encode();
+        bytes[0] = 9;
+        assert_eq!(SessionRecord::decode(&bytes), Err(RecordError::Version(9)));
+        assert_eq!(SessionRecord::peek_sub(&bytes), None);
+    }
+
+    #[test]
+    fn trailing_bytes_and_bad_flags_are_refused() {
+        let mut bytes = sample_record().encode();
+        bytes.push(0);
+        assert_eq!(SessionRecord::decode(&bytes), Err(RecordError::Truncated));
+        let mut bytes = SessionRecord::default().encode();
+        let flag_at = 1 + 8 + 4;
+        bytes[flag_at] = 2;
+        assert_eq!(SessionRecord::decode(&bytes), Err(RecordError::Truncated));
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused() {
+        let record = SessionRecord { sub: "ab".into(), ..SessionRecord::default() };
+        let mut bytes = record.encode();
+        bytes[1 + 8 + 4] = 0xff;
+        assert_eq!(SessionRecord::decode(&bytes), Err(RecordError::Utf8));
+    }
+
+    #[test]
+    fn every_prefix_fails_without_panicking() {
+        let bytes = sample_record().encode();
+        for len in 0..bytes.len() {
+            assert!(SessionRecord::decode(&bytes[..len]).is_err(), "prefix of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // xorshift: deterministic, no dependency.
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = sample_record().encode();
+        for round in 0..5000 {
+            let len = (next() % 200) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && !bytes.is_empty() {
+                // Keep the version byte so the decoder gets past the first check.
+                bytes[0] = RECORD_VERSION;
+            }
+            assert!(SessionRecord::decode(&bytes).is_err());
+            let _ = SessionRecord::peek_sub(&bytes);
+            // Single-byte corruptions of a valid record: any result, never a panic.
+            let mut corrupt = valid.clone();
+            let at = (next() as usize) % corrupt.len();
+            corrupt[at] = next() as u8;
+            let _ = SessionRecord::decode(&corrupt);
+        }
+    }
+
+    #[test]
+    fn huge_additional_count_does_not_allocate_or_panic() {
+        let mut bytes = Vec::new();
+        wire::put_u8(&mut bytes, RECORD_VERSION);
+        wire::put_i64(&mut bytes, 0);
+        wire::put_str(&mut bytes, "s");
+        wire::put_u8(&mut bytes, 0);
+        for _ in 0..7 {
+            wire::put_str(&mut bytes, "");
+        }
+        wire::put_u32(&mut bytes, u32::MAX);
+        assert_eq!(SessionRecord::decode(&bytes), Err(RecordError::Truncated));
+    }
+
+    #[test]
+    fn claim_formats_values() {
+        let record = sample_record();
+        assert_eq!(record.claim("sub").as_deref(), Some("user-sub-1"));
+        assert_eq!(record.claim("groups").as_deref(), Some("admins|users"));
+        assert_eq!(record.claim("age").as_deref(), Some("42"));
+        assert_eq!(record.claim("ok").as_deref(), Some("true"));
+        assert_eq!(record.claim("obj").as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(record.claim("mixed").as_deref(), Some(r#"["a",1]"#));
+        assert_eq!(record.claim("line").as_deref(), Some("abc"));
+        assert_eq!(record.claim("n"), None);
+        assert_eq!(record.claim("absent"), None);
+    }
+
+    #[test]
+    fn claim_of_invalid_json_is_none() {
+        let record = SessionRecord { claims_json: "not json".into(), ..SessionRecord::default() };
+        assert_eq!(record.claim("sub"), None);
+    }
+}

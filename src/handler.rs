@@ -1,0 +1,660 @@
+//! The access-phase handler: session check, identity headers, the login redirect, and the
+//! `/outpost.goauthentik.io/*` endpoints (start, callback, sign_out, ping).
+//!
+//! Data flows one way: cookie -> session lookup (shared memory) -> record -> headers -> upstream.
+//! The login path (start -> provider -> callback -> session) sits beside it and is the only
+//! place that waits for the network, on the thread pool (see `task`).
+
+use core::ffi::c_void;
+use core::mem::size_of;
+use core::ptr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use authentik_core::config::Mode;
+use authentik_core::cookie::{self, CookieAttributes};
+use authentik_core::identity::{is_forged_identity_header, IDENTITY_HEADERS};
+use authentik_core::oidc::login::LOGIN_TTL;
+use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
+use authentik_core::page::error_page;
+use authentik_core::redirect::validate_return_to;
+use authentik_core::request::{decode_query_value, encode_query_value, is_navigation, query_arg};
+use authentik_core::session::{SessionId, SessionRecord};
+use nginx_sys::{
+    ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
+    ngx_http_request_t, ngx_int_t, ngx_pool_cleanup_add, ngx_pool_cleanup_t, NGX_AGAIN,
+    NGX_DECLINED, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FORBIDDEN,
+    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_MOVED_TEMPORARILY, NGX_HTTP_NOT_FOUND,
+    NGX_HTTP_NO_CONTENT, NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
+    NGX_LOG_ERR, NGX_LOG_WARN,
+};
+use ngx::core::Status;
+use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
+use ngx::ngx_log_error;
+
+use crate::conf::{LocationConf, Provider};
+use crate::http::{self, HeaderName};
+use crate::task::{self, Outcome, TaskData, Work};
+use crate::zone::SessionZone;
+use crate::HttpAuthentikModule;
+
+const OUTPOST_PREFIX: &[u8] = b"/outpost.goauthentik.io/";
+const START_PATH: &str = "/outpost.goauthentik.io/start";
+const LOGIN_COOKIE_PATH: &str = "/outpost.goauthentik.io/";
+const OUTPOST_NAME: &str = "nginx-authentik";
+const OUTPOST_VERSION: &str = concat!("goauthentik.io/outpost/nginx-authentik-", env!("CARGO_PKG_VERSION"));
+
+static IDENTITY_HEADER_NAMES: [HeaderName; 7] = [
+    HeaderName::new(IDENTITY_HEADERS[0], "x-authentik-username"),
+    HeaderName::new(IDENTITY_HEADERS[1], "x-authentik-groups"),
+    HeaderName::new(IDENTITY_HEADERS[2], "x-authentik-entitlements"),
+    HeaderName::new(IDENTITY_HEADERS[3], "x-authentik-email"),
+    HeaderName::new(IDENTITY_HEADERS[4], "x-authentik-name"),
+    HeaderName::new(IDENTITY_HEADERS[5], "x-authentik-uid"),
+    HeaderName::new(IDENTITY_HEADERS[6], "x-authentik-jwt"),
+];
+const META_OUTPOST: HeaderName = HeaderName::new("X-authentik-meta-outpost", "x-authentik-meta-outpost");
+const META_PROVIDER: HeaderName =
+    HeaderName::new("X-authentik-meta-provider", "x-authentik-meta-provider");
+const META_APP: HeaderName = HeaderName::new("X-authentik-meta-app", "x-authentik-meta-app");
+const META_VERSION: HeaderName =
+    HeaderName::new("X-authentik-meta-version", "x-authentik-meta-version");
+const FORWARDED_HOST: HeaderName = HeaderName::new("X-Forwarded-Host", "x-forwarded-host");
+
+/* per-request state */
+
+/// What the request was doing when it went to the thread pool.
+enum Resume {
+    StartLogin { return_to: String, stale_cookie: bool },
+    Callback { login_cookie: String, return_to: String },
+    SignOut { id_token: Option<String> },
+}
+
+/// Per-request state. Kept in the request pool (dropped by a pool cleanup) and found again
+/// after an internal redirect, which clears `r->ctx`.
+#[derive(Default)]
+pub struct RequestCtx {
+    /// The session, when the request is authenticated (variables read it).
+    pub session: Option<SessionRecord>,
+    /// Identity headers are in place; later passes (internal redirects) keep them.
+    done: bool,
+    resume: Option<Resume>,
+    task: *mut TaskData,
+}
+
+/// The cleanup handler that marks a pool cleanup entry as this module's request context;
+/// read through this static so that registration and lookup use the same address.
+static DROP_CTX: unsafe extern "C" fn(*mut c_void) = drop_ctx;
+
+unsafe extern "C" fn drop_ctx(data: *mut c_void) {
+    // SAFETY: `data` is the RequestCtx written by `ctx_create`.
+    unsafe { ptr::drop_in_place(data as *mut RequestCtx) };
+}
+
+/// The request's context, if one was created (also after an internal redirect).
+pub fn ctx_get(r: &mut ngx_http_request_t) -> Option<&mut RequestCtx> {
+    let index = HttpAuthentikModule::module().ctx_index;
+    // SAFETY: r->ctx has one slot per http module.
+    let slot = unsafe { &mut *r.ctx.add(index) };
+    if !slot.is_null() {
+        // SAFETY: only this module writes its slot, with a RequestCtx.
+        return Some(unsafe { &mut *(*slot as *mut RequestCtx) });
+    }
+    // SAFETY: walks the request pool's cleanup list.
+    let mut cln: *mut ngx_pool_cleanup_t = unsafe { (*r.pool).cleanup };
+    while !cln.is_null() {
+        // SAFETY: live cleanup entries of the pool.
+        let c = unsafe { &*cln };
+        if c.handler.is_some_and(|h| ptr::fn_addr_eq(h, DROP_CTX)) {
+            *slot = c.data;
+            // SAFETY: a RequestCtx written by `ctx_create`.
+            return Some(unsafe { &mut *(c.data as *mut RequestCtx) });
+        }
+        cln = c.next;
+    }
+    None
+}
+
+fn ctx_create(r: &mut ngx_http_request_t) -> Option<&mut RequestCtx> {
+    // SAFETY: allocates the context with a cleanup that drops it with the request pool.
+    unsafe {
+        let cln = ngx_pool_cleanup_add(r.pool, size_of::<RequestCtx>());
+        if cln.is_null() {
+            return None;
+        }
+        ptr::write((*cln).data as *mut RequestCtx, RequestCtx::default());
+        (*cln).handler = Some(DROP_CTX);
+        let index = HttpAuthentikModule::module().ctx_index;
+        *r.ctx.add(index) = (*cln).data;
+        Some(&mut *((*cln).data as *mut RequestCtx))
+    }
+}
+
+/* registration */
+
+pub fn register_access_handler(cf: &mut ngx_conf_t) -> Status {
+    let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(cf) else {
+        return Status::NGX_ERROR;
+    };
+    let phase = &mut cmcf.phases[ngx_http_phases_NGX_HTTP_ACCESS_PHASE as usize];
+    // SAFETY: appends to nginx's array of access-phase handlers during postconfiguration.
+    let h = unsafe { ngx_array_push(&mut phase.handlers) } as *mut ngx_http_handler_pt;
+    if h.is_null() {
+        return Status::NGX_ERROR;
+    }
+    // SAFETY: `h` is a fresh slot in the handlers array.
+    unsafe { *h = Some(access_handler) };
+    Status::NGX_OK
+}
+
+/// The access-phase entry point. Panics are contained here: nothing unwinds into nginx.
+unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx passes the request being processed.
+    let r = unsafe { &mut *r };
+    let log = unsafe { (*r.connection).log };
+    match catch_unwind(AssertUnwindSafe(|| access(r))) {
+        Ok(rc) => rc,
+        Err(_) => {
+            ngx_log_error!(NGX_LOG_ALERT, log, "authentik access handler panicked");
+            NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
+        }
+    }
+}
+
+fn now() -> i64 {
+    nginx_sys::ngx_time() as i64
+}
+
+fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
+    if r.main != r as *mut ngx_http_request_t {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    let Some(lcf) = HttpAuthentikModule::location_conf(r) else {
+        return NGX_DECLINED as ngx_int_t;
+    };
+    let lcf: &LocationConf = lcf;
+    if lcf.provider.is_null() {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    // SAFETY: providers live in the main configuration for the cycle's lifetime.
+    let provider: &Provider = unsafe { &*lcf.provider };
+    // SAFETY: zones live in the main configuration for the cycle's lifetime.
+    let zone: &SessionZone = unsafe { &*provider.zone };
+
+    if ctx_get(r).is_none() && ctx_create(r).is_none() {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    let ctx = ctx_get(r).expect("request ctx");
+    if ctx.done {
+        return NGX_DECLINED as ngx_int_t;
+    }
+    if let Some(resume) = ctx.resume.take() {
+        let outcome = task::take_outcome(ctx.task).unwrap_or(Outcome::Panicked);
+        ctx.task = ptr::null_mut();
+        return resume_after_task(r, provider, zone, resume, outcome);
+    }
+
+    // Client-sent identity headers never reach the upstream, authenticated or not.
+    http::neutralise_request_headers(r, |name| is_forged_identity_header(name, &[]));
+
+    let uri = http::bytes_of(&r.uri);
+    if let Some(endpoint) = uri.strip_prefix(OUTPOST_PREFIX) {
+        return outpost_endpoint(r, provider, zone, endpoint);
+    }
+    let args = http::bytes_of(&r.args);
+    if !args.is_empty()
+        && query_arg(args, b"X-authentik-auth-callback").is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
+    {
+        return callback(r, provider, zone);
+    }
+
+    let cookie = session_cookie(r, provider);
+    if let Some(id) = cookie.as_ref().and_then(|v| SessionId::from_cookie_value(v)) {
+        if let Some(record) = find_session(zone, &id) {
+            return pass_authenticated(r, provider, record);
+        }
+    }
+    let stale_cookie = cookie.is_some();
+
+    if !lcf.unauth.is_empty() && lcf.unauth.matches(&unauth_subject(r, provider)) {
+        return NGX_DECLINED as ngx_int_t;
+    }
+
+    let navigation = is_navigation(
+        http::request_header(r, b"sec-fetch-mode"),
+        http::request_header(r, b"x-requested-with"),
+        http::request_header(r, b"accept"),
+    );
+    if !navigation {
+        if stale_cookie {
+            expire_session_cookie(r, provider);
+        }
+        let challenge = format!("Bearer realm=\"{}\"", provider.settings.name);
+        http::add_response_header(r, &http::WWW_AUTHENTICATE, challenge.as_bytes());
+        return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
+    }
+
+    let return_to = current_url(r, provider);
+    start_login(r, provider, zone, return_to, stale_cookie)
+}
+
+fn find_session(zone: &SessionZone, id: &SessionId) -> Option<SessionRecord> {
+    let bytes = zone.lookup(id, now())?;
+    SessionRecord::decode(&bytes).ok()
+}
+
+/* authenticated requests */
+
+fn pass_authenticated(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    record: SessionRecord,
+) -> ngx_int_t {
+    let proxy_mode = provider.settings.mode == Mode::Proxy;
+    if proxy_mode || !record.identity.additional.is_empty() {
+        let extra: Vec<String> = record
+            .identity
+            .additional
+            .iter()
+            .map(|(name, _)| name.to_ascii_lowercase())
+            .chain(proxy_mode.then(|| "x-forwarded-host".to_string()))
+            .collect();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        http::neutralise_request_headers(r, |name| is_forged_identity_header(name, &extra));
+    }
+
+    let mut ok = true;
+    for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(record.identity.values.iter()) {
+        ok &= http::add_request_header(r, name, value.as_bytes());
+    }
+    let provider_name = provider.settings.name.as_bytes();
+    ok &= http::add_request_header(r, &META_OUTPOST, OUTPOST_NAME.as_bytes());
+    ok &= http::add_request_header(r, &META_PROVIDER, provider_name);
+    ok &= http::add_request_header(r, &META_APP, provider_name);
+    ok &= http::add_request_header(r, &META_VERSION, OUTPOST_VERSION.as_bytes());
+    if proxy_mode {
+        let host = http::host(r);
+        ok &= http::add_request_header(r, &FORWARDED_HOST, host.as_bytes());
+    }
+    for (name, value) in &record.identity.additional {
+        ok &= http::add_request_header_dyn(r, name, value.as_bytes());
+    }
+    let name = provider.cookie_name.as_bytes();
+    ok &= http::rewrite_cookie_headers(r, |value| cookie::remove_cookie(value, name));
+    if !ok {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+
+    let ctx = ctx_get(r).expect("request ctx");
+    ctx.session = Some(record);
+    ctx.done = true;
+    NGX_DECLINED as ngx_int_t
+}
+
+/* endpoints */
+
+fn outpost_endpoint(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    zone: &SessionZone,
+    endpoint: &[u8],
+) -> ngx_int_t {
+    match endpoint {
+        b"ping" => {
+            r.headers_out.status = NGX_HTTP_NO_CONTENT as usize;
+            r.headers_out.content_length_n = 0;
+            r.set_header_only(1);
+            // SAFETY: sends the header of our own request.
+            let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
+            // SAFETY: finalizes our own request; it is not used afterwards.
+            unsafe { nginx_sys::ngx_http_finalize_request(r, rc) };
+            nginx_sys::NGX_DONE as ngx_int_t
+        }
+        b"start" => {
+            let origin = external_origin(r, provider);
+            let rd = query_arg(http::bytes_of(&r.args), b"rd").and_then(decode_query_value);
+            let return_to = rd
+                .and_then(|rd| {
+                    validate_return_to(
+                        &rd,
+                        provider.settings.mode,
+                        &origin,
+                        provider.settings.cookie_domain.as_deref(),
+                    )
+                })
+                .unwrap_or_else(|| format!("{origin}/"));
+            let stale = session_cookie(r, provider).is_some();
+            start_login(r, provider, zone, return_to, stale)
+        }
+        b"callback" => callback(r, provider, zone),
+        b"sign_out" => sign_out(r, provider, zone),
+        _ => NGX_HTTP_NOT_FOUND as ngx_int_t,
+    }
+}
+
+/// Redirects to the provider's authorization endpoint (fetching discovery first if needed).
+fn start_login(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    zone: &SessionZone,
+    return_to: String,
+    stale_cookie: bool,
+) -> ngx_int_t {
+    let Some(discovery) = provider.cache.fresh_discovery(now()) else {
+        return suspend(r, provider, Work::Discovery, Resume::StartLogin { return_to, stale_cookie });
+    };
+    let (scheme, host) = (http::scheme(r), http::host(r));
+    let redirect_uri = provider.settings.redirect_uri(scheme, &host);
+    let login = PendingLogin::new(return_to, redirect_uri, now());
+    if let Err(e) = zone.insert_login(&login, now()) {
+        log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
+        return page(r, NGX_HTTP_SERVICE_UNAVAILABLE, "Service unavailable", "Too many logins are in progress. Try again in a moment.", true);
+    }
+    let url = authorize_url(
+        &discovery.authorization_endpoint,
+        &provider.settings.client_id,
+        &provider.settings.scopes,
+        &login,
+    );
+    let attrs = login_cookie_attributes(r, provider);
+    let name = cookie::login_cookie_name(&provider.cookie_name, &login.state);
+    let set = cookie::set_cookie(&name, &login.binding, LOGIN_TTL, &attrs);
+    if stale_cookie {
+        expire_session_cookie(r, provider);
+    }
+    http::add_response_header(r, &http::SET_COOKIE, set.as_bytes());
+    redirect(r, &url)
+}
+
+fn callback(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
+    let args = http::bytes_of(&r.args);
+    let state = query_arg(args, b"state").and_then(decode_query_value);
+    let code = query_arg(args, b"code").and_then(decode_query_value);
+    let error = query_arg(args, b"error").and_then(decode_query_value);
+
+    let Some(state) = state else {
+        return invalid_state(r, "the login request has no state");
+    };
+    let Some(login) = zone.take_login(&state, now()) else {
+        return invalid_state(r, "login state is unknown, expired or already used");
+    };
+    let login_cookie = cookie::login_cookie_name(&provider.cookie_name, &state);
+    let binding = http::request_headers(r, b"cookie")
+        .find_map(|h| cookie::find_cookie(h, login_cookie.as_bytes()));
+    if !binding.is_some_and(|b| login.binding_matches(b)) {
+        return invalid_state(r, "login state does not belong to this browser");
+    }
+    if let Some(error) = error {
+        let msg = format!("identity provider refused the login: \"{}\"", error.escape_default());
+        log_error(r, NGX_LOG_WARN, &msg, "completing authentik login");
+        expire_cookie(r, provider, &login_cookie, LOGIN_COOKIE_PATH);
+        return page(r, NGX_HTTP_FORBIDDEN, "Access denied", "The identity provider did not allow this login.", true);
+    }
+    let Some(code) = code else {
+        return invalid_state(r, "the login response has no code");
+    };
+    let return_to = login.return_to.clone();
+    // SAFETY: zones live as long as the configuration.
+    let max_lifetime = zone.timeout;
+    suspend(
+        r,
+        provider,
+        Work::Login { login, code, max_lifetime },
+        Resume::Callback { login_cookie, return_to },
+    )
+}
+
+fn sign_out(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
+    let record = session_cookie(r, provider)
+        .and_then(|v| SessionId::from_cookie_value(&v))
+        .and_then(|id| find_session(zone, &id));
+    let id_token = record.as_ref().map(|rec| rec.id_token.clone());
+    if let Some(rec) = &record {
+        zone.remove_by_sub(&rec.sub);
+    }
+    expire_session_cookie(r, provider);
+    if record.is_none() {
+        return redirect(r, "/");
+    }
+    match provider.cache.any_discovery() {
+        Some(discovery) => finish_sign_out(r, provider, discovery.end_session_endpoint.as_deref(), id_token),
+        None => suspend(r, provider, Work::Discovery, Resume::SignOut { id_token }),
+    }
+}
+
+fn finish_sign_out(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    end_session: Option<&str>,
+    id_token: Option<String>,
+) -> ngx_int_t {
+    let Some(endpoint) = end_session else {
+        return redirect(r, "/");
+    };
+    let post_logout = match &provider.settings.post_logout_redirect {
+        Some(url) => url.to_string(),
+        None => format!("{}/", external_origin(r, provider)),
+    };
+    let mut url = endpoint.to_string();
+    url.push(if url.contains('?') { '&' } else { '?' });
+    if let Some(token) = id_token.filter(|t| !t.is_empty()) {
+        url.push_str("id_token_hint=");
+        url.push_str(&encode_query_value(&token));
+        url.push('&');
+    }
+    url.push_str("client_id=");
+    url.push_str(&encode_query_value(&provider.settings.client_id));
+    url.push_str("&post_logout_redirect_uri=");
+    url.push_str(&encode_query_value(&post_logout));
+    redirect(r, &url)
+}
+
+/* thread-pool round trips */
+
+fn suspend(r: &mut ngx_http_request_t, provider: &Provider, work: Work, resume: Resume) -> ngx_int_t {
+    let Some(mcf) = HttpAuthentikModule::main_conf(r) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let pool = mcf.thread_pool;
+    let mut slot = ptr::null_mut();
+    if !task::post(r, pool, provider, work, &mut slot) {
+        log_error(r, NGX_LOG_ERR, "cannot post a task to the thread pool", "starting authentik login");
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    let ctx = ctx_get(r).expect("request ctx");
+    ctx.task = slot;
+    ctx.resume = Some(resume);
+    NGX_AGAIN as ngx_int_t
+}
+
+fn resume_after_task(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    zone: &SessionZone,
+    resume: Resume,
+    outcome: Outcome,
+) -> ngx_int_t {
+    match (resume, outcome) {
+        (Resume::StartLogin { return_to, stale_cookie }, Outcome::Discovery(Ok(_))) => {
+            start_login(r, provider, zone, return_to, stale_cookie)
+        }
+        (Resume::StartLogin { .. }, Outcome::Discovery(Err(e))) => {
+            log_error(r, NGX_LOG_ERR, &format!("{e}"), "fetching authentik provider discovery");
+            provider_unavailable(r)
+        }
+        (Resume::SignOut { id_token }, Outcome::Discovery(result)) => {
+            let discovery = result.ok();
+            let end = discovery.as_ref().and_then(|d| d.end_session_endpoint.clone());
+            finish_sign_out(r, provider, end.as_deref(), id_token)
+        }
+        (Resume::Callback { login_cookie, return_to }, Outcome::Login(result)) => {
+            expire_cookie(r, provider, &login_cookie, LOGIN_COOKIE_PATH);
+            match result {
+                Ok(record) => create_session(r, provider, zone, record, &return_to),
+                Err(e) => {
+                    let what = match &e {
+                        LoginError::Provider(_) => "redeeming authentik login code",
+                        _ => "validating authentik login tokens",
+                    };
+                    log_error(r, NGX_LOG_ERR, &format!("{e}"), what);
+                    provider_unavailable(r)
+                }
+            }
+        }
+        (_, Outcome::Panicked) => {
+            log_error(r, NGX_LOG_ALERT, "provider task panicked", "talking to the authentik provider");
+            NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
+        }
+        _ => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+    }
+}
+
+fn create_session(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    zone: &SessionZone,
+    record: SessionRecord,
+    return_to: &str,
+) -> ngx_int_t {
+    let now = now();
+    let mut attempt = 0;
+    let (id, eviction) = loop {
+        let id = SessionId::generate();
+        match zone.insert(&id, &record, now) {
+            Ok(eviction) => break (id, eviction),
+            Err(crate::zone::ZoneError::Collision) if attempt < 3 => attempt += 1,
+            Err(e) => {
+                log_error(r, NGX_LOG_ERR, &format!("{e}"), "creating authentik session");
+                return page(r, NGX_HTTP_SERVICE_UNAVAILABLE, "Service unavailable", "The session store is full. Try again in a moment.", true);
+            }
+        }
+    };
+    if eviction.warn {
+        let msg = format!(
+            "authentik session zone \"{}\" is full, evicted {} least recently used session(s)",
+            zone.name, eviction.evicted
+        );
+        log_error(r, NGX_LOG_WARN, &msg, "creating authentik session");
+    }
+    let attrs = session_cookie_attributes(r, provider);
+    let max_age = record.expires_at - now;
+    let set = cookie::set_cookie(&provider.cookie_name, &id.to_cookie_value(), max_age, &attrs);
+    http::add_response_header(r, &http::SET_COOKIE, set.as_bytes());
+    redirect(r, return_to)
+}
+
+/* responses */
+
+fn redirect(r: &mut ngx_http_request_t, url: &str) -> ngx_int_t {
+    if !http::set_location(r, url) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    http::add_response_header(r, &http::CACHE_CONTROL, b"no-store");
+    NGX_HTTP_MOVED_TEMPORARILY as ngx_int_t
+}
+
+fn page(r: &mut ngx_http_request_t, status: u32, title: &str, message: &str, retry: bool) -> ngx_int_t {
+    let link = retry.then_some((START_PATH, "Log in again"));
+    let html = error_page(title, message, link);
+    http::send_page(r, status as usize, &html)
+}
+
+fn invalid_state(r: &mut ngx_http_request_t, reason: &str) -> ngx_int_t {
+    log_error(r, NGX_LOG_WARN, reason, "completing authentik login");
+    page(
+        r,
+        NGX_HTTP_BAD_REQUEST,
+        "Login expired",
+        "This login link is invalid or has expired. Please start again.",
+        true,
+    )
+}
+
+fn provider_unavailable(r: &mut ngx_http_request_t) -> ngx_int_t {
+    page(
+        r,
+        nginx_sys::NGX_HTTP_BAD_GATEWAY,
+        "Login unavailable",
+        "The identity provider could not be reached or gave an invalid answer. Try again later.",
+        true,
+    )
+}
+
+/// Logs `msg` in nginx's phrasing: "<msg> while <action>, client: ..., server: ..., request: ...".
+fn log_error(r: &mut ngx_http_request_t, level: u32, msg: &str, action: &str) {
+    // SAFETY: the connection and its log outlive the request.
+    let log = unsafe { &mut *(*r.connection).log };
+    let saved = log.action;
+    let action = std::ffi::CString::new(action).unwrap_or_default();
+    log.action = action.as_ptr() as *mut _;
+    let logp: *mut nginx_sys::ngx_log_t = log;
+    ngx_log_error!(level, logp, "{}", msg);
+    log.action = saved;
+}
+
+/* cookies */
+
+fn session_cookie(r: &ngx_http_request_t, provider: &Provider) -> Option<Vec<u8>> {
+    let name = provider.cookie_name.as_bytes();
+    http::request_headers(r, b"cookie").find_map(|h| cookie::find_cookie(h, name)).map(<[u8]>::to_vec)
+}
+
+fn session_cookie_attributes<'a>(r: &ngx_http_request_t, provider: &'a Provider) -> CookieAttributes<'a> {
+    CookieAttributes {
+        path: "/",
+        domain: cookie_domain(provider),
+        secure: provider.settings.is_secure(http::scheme(r)),
+    }
+}
+
+fn login_cookie_attributes<'a>(r: &ngx_http_request_t, provider: &'a Provider) -> CookieAttributes<'a> {
+    CookieAttributes { path: LOGIN_COOKIE_PATH, ..session_cookie_attributes(r, provider) }
+}
+
+fn cookie_domain(provider: &Provider) -> Option<&str> {
+    match provider.settings.mode {
+        Mode::ForwardDomain => provider.settings.cookie_domain.as_deref(),
+        _ => None,
+    }
+}
+
+fn expire_session_cookie(r: &mut ngx_http_request_t, provider: &Provider) {
+    let name = provider.cookie_name.clone();
+    expire_cookie(r, provider, &name, "/");
+}
+
+fn expire_cookie(r: &mut ngx_http_request_t, provider: &Provider, name: &str, path: &str) {
+    let attrs = CookieAttributes { path, ..session_cookie_attributes(r, provider) };
+    let set = cookie::expire_cookie(name, &attrs);
+    http::add_response_header(r, &http::SET_COOKIE, set.as_bytes());
+}
+
+/* URLs */
+
+fn external_origin(r: &ngx_http_request_t, provider: &Provider) -> String {
+    provider.settings.external_origin(http::scheme(r), &http::host(r))
+}
+
+/// Where the user should land after logging in: this request's URL.
+fn current_url(r: &ngx_http_request_t, provider: &Provider) -> String {
+    let uri = String::from_utf8_lossy(http::bytes_of(&r.unparsed_uri)).into_owned();
+    let origin = match provider.settings.mode {
+        Mode::ForwardDomain => format!("{}://{}", http::scheme(r), http::host(r)),
+        _ => external_origin(r, provider),
+    };
+    let url = format!("{origin}{uri}");
+    validate_return_to(&url, provider.settings.mode, &external_origin(r, provider), provider.settings.cookie_domain.as_deref())
+        .unwrap_or_else(|| format!("{}/", external_origin(r, provider)))
+}
+
+/// The string unauthenticated paths are matched against (authentik's semantics).
+fn unauth_subject(r: &ngx_http_request_t, provider: &Provider) -> String {
+    match provider.settings.mode {
+        Mode::ForwardDomain => format!(
+            "{}://{}{}",
+            http::scheme(r),
+            http::host(r),
+            String::from_utf8_lossy(http::bytes_of(&r.unparsed_uri))
+        ),
+        _ => String::from_utf8_lossy(http::bytes_of(&r.uri)).into_owned(),
+    }
+}

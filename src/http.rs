@@ -1,0 +1,269 @@
+//! Small helpers over `ngx_http_request_t`: reading request headers, adding or neutralising
+//! headers, and sending the module's own responses (redirects, status codes, short pages).
+
+use core::ptr;
+
+use nginx_sys::{
+    ngx_buf_t, ngx_chain_t, ngx_pcalloc, ngx_http_finalize_request, ngx_http_output_filter,
+    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_list_push,
+    ngx_pnalloc, ngx_str_t, ngx_table_elt_t, ngx_uint_t, NGX_DONE, NGX_ERROR,
+    NGX_HTTP_INTERNAL_SERVER_ERROR,
+};
+
+/// nginx's `ngx_hash()` over a lowercase header name: what `proxy_set_header` matching expects.
+pub fn header_hash(lowercase: &[u8]) -> ngx_uint_t {
+    lowercase.iter().fold(0 as ngx_uint_t, |h, &c| h.wrapping_mul(31).wrapping_add(c as ngx_uint_t))
+}
+
+/// Every element of an `ngx_list_t` of headers, including neutralised ones (`hash == 0`).
+pub fn header_elts(list: &nginx_sys::ngx_list_t) -> impl Iterator<Item = *mut ngx_table_elt_t> {
+    let mut part: *const ngx_list_part_t = &list.part;
+    let mut i = 0usize;
+    core::iter::from_fn(move || loop {
+        // SAFETY: walks the list's parts as nginx lays them out.
+        let p = unsafe { &*part };
+        if i < p.nelts {
+            let elt = (p.elts as *mut ngx_table_elt_t).wrapping_add(i);
+            i += 1;
+            return Some(elt);
+        }
+        if p.next.is_null() {
+            return None;
+        }
+        part = p.next;
+        i = 0;
+    })
+}
+
+fn str_bytes<'a>(s: &ngx_str_t) -> &'a [u8] {
+    if s.len == 0 || s.data.is_null() {
+        return &[];
+    }
+    // SAFETY: an ngx_str_t of a live request points at `len` readable bytes.
+    unsafe { core::slice::from_raw_parts(s.data, s.len) }
+}
+
+/// Bytes of an `ngx_str_t` that lives as long as the request.
+pub fn bytes_of<'a>(s: &ngx_str_t) -> &'a [u8] {
+    str_bytes(s)
+}
+
+/// The first live request header named `lowercase` (exact, lowercase).
+pub fn request_header<'a>(r: &ngx_http_request_t, lowercase: &'static [u8]) -> Option<&'a [u8]> {
+    request_headers(r, lowercase).next()
+}
+
+/// Every live request header named `lowercase`.
+pub fn request_headers<'a>(
+    r: &ngx_http_request_t,
+    lowercase: &'static [u8],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    header_elts(&r.headers_in.headers).filter_map(move |elt| {
+        // SAFETY: elements of the request's header list.
+        let h = unsafe { &*elt };
+        if h.hash == 0 || !str_bytes(&h.key).eq_ignore_ascii_case(lowercase) {
+            return None;
+        }
+        Some(str_bytes(&h.value))
+    })
+}
+
+/// Copies `bytes` into the request pool.
+pub fn pool_str(r: &ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
+    if bytes.is_empty() {
+        return Some(ngx_str_t { len: 0, data: ptr::null_mut() });
+    }
+    // SAFETY: allocates from the request's pool, freed with the request.
+    let data = unsafe { ngx_pnalloc(r.pool, bytes.len()) } as *mut u8;
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: `data` has room for `bytes`.
+    unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), data, bytes.len()) };
+    Some(ngx_str_t { len: bytes.len(), data })
+}
+
+/// A header name known at compile time with its lowercase form and hash.
+pub struct HeaderName {
+    pub name: &'static str,
+    pub lowercase: &'static str,
+}
+
+impl HeaderName {
+    pub const fn new(name: &'static str, lowercase: &'static str) -> HeaderName {
+        HeaderName { name, lowercase }
+    }
+}
+
+fn push_header(
+    r: &mut ngx_http_request_t,
+    list: *mut nginx_sys::ngx_list_t,
+    name: &[u8],
+    lowercase: Option<&'static str>,
+    value: &[u8],
+) -> Option<*mut ngx_table_elt_t> {
+    let value = pool_str(r, value)?;
+    let (key, lowcase) = match lowercase {
+        Some(lc) => (
+            ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 },
+            lc.as_ptr() as *mut u8,
+        ),
+        None => {
+            let key = pool_str(r, name)?;
+            let lc = pool_str(r, &name.to_ascii_lowercase())?;
+            (key, lc.data)
+        }
+    };
+    // SAFETY: lowcase points at key.len bytes.
+    let lc_bytes = unsafe { core::slice::from_raw_parts(lowcase, key.len) };
+    // SAFETY: pushes onto a live header list of this request.
+    let elt = unsafe { ngx_list_push(list) } as *mut ngx_table_elt_t;
+    if elt.is_null() {
+        return None;
+    }
+    // SAFETY: `elt` is a fresh, uninitialised list element; every field is written.
+    unsafe {
+        ptr::write_bytes(elt, 0, 1);
+        (*elt).hash = header_hash(lc_bytes);
+        (*elt).key = key;
+        (*elt).value = value;
+        (*elt).lowcase_key = lowcase;
+    }
+    Some(elt)
+}
+
+/// Adds a header to the request as the upstream will see it.
+pub fn add_request_header(r: &mut ngx_http_request_t, name: &HeaderName, value: &[u8]) -> bool {
+    let list = &mut r.headers_in.headers as *mut _;
+    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), value).is_some()
+}
+
+/// Adds a header whose name is only known at run time (additionalHeaders).
+pub fn add_request_header_dyn(r: &mut ngx_http_request_t, name: &str, value: &[u8]) -> bool {
+    let list = &mut r.headers_in.headers as *mut _;
+    push_header(r, list, name.as_bytes(), None, value).is_some()
+}
+
+/// Adds a response header.
+pub fn add_response_header(r: &mut ngx_http_request_t, name: &HeaderName, value: &[u8]) -> bool {
+    let list = &mut r.headers_out.headers as *mut _;
+    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), value).is_some()
+}
+
+/// Removes every request header for which `forged(name)` holds. nginx's proxy (and fastcgi,
+/// uwsgi, scgi, grpc) modules skip list entries whose hash is 0, so the upstream never sees them.
+pub fn neutralise_request_headers(r: &mut ngx_http_request_t, forged: impl Fn(&[u8]) -> bool) {
+    for elt in header_elts(&r.headers_in.headers) {
+        // SAFETY: elements of the request's header list, modified in place.
+        let h = unsafe { &mut *elt };
+        if h.hash != 0 && forged(str_bytes(&h.key)) {
+            h.hash = 0;
+        }
+    }
+}
+
+/// Rewrites every `Cookie` header with `rewrite(value)`: `None` keeps the header, `Some(v)`
+/// replaces it (an empty `v` removes it).
+pub fn rewrite_cookie_headers(
+    r: &mut ngx_http_request_t,
+    rewrite: impl Fn(&[u8]) -> Option<Vec<u8>>,
+) -> bool {
+    for elt in header_elts(&r.headers_in.headers) {
+        // SAFETY: elements of the request's header list, modified in place.
+        let h = unsafe { &mut *elt };
+        if h.hash == 0 || !str_bytes(&h.key).eq_ignore_ascii_case(b"cookie") {
+            continue;
+        }
+        let Some(new) = rewrite(str_bytes(&h.value)) else { continue };
+        if new.is_empty() {
+            h.hash = 0;
+            continue;
+        }
+        let Some(value) = pool_str(r, &new) else { return false };
+        h.value = value;
+    }
+    true
+}
+
+pub const LOCATION: HeaderName = HeaderName::new("Location", "location");
+pub const SET_COOKIE: HeaderName = HeaderName::new("Set-Cookie", "set-cookie");
+pub const CACHE_CONTROL: HeaderName = HeaderName::new("Cache-Control", "cache-control");
+pub const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "www-authenticate");
+
+/// Sets `Location` (the caller then answers with a 3xx status).
+pub fn set_location(r: &mut ngx_http_request_t, url: &str) -> bool {
+    let list = &mut r.headers_out.headers as *mut _;
+    let Some(elt) = push_header(r, list, LOCATION.name.as_bytes(), Some(LOCATION.lowercase), url.as_bytes())
+    else {
+        return false;
+    };
+    r.headers_out.location = elt;
+    true
+}
+
+/// Sends `status` with an HTML body and finalizes the request; the access handler then returns
+/// the result (NGX_DONE) so that phase processing stops.
+pub fn send_page(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
+    let rp = r as *mut ngx_http_request_t;
+    let rc = send_page_inner(r, status, html);
+    // SAFETY: finalizes the request we were handed; it is not used afterwards.
+    unsafe { ngx_http_finalize_request(rp, rc) };
+    NGX_DONE as ngx_int_t
+}
+
+fn send_page_inner(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
+    let Some(body) = pool_str(r, html.as_bytes()) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    add_response_header(r, &CACHE_CONTROL, b"no-store");
+    r.headers_out.status = status as ngx_uint_t;
+    r.headers_out.content_length_n = body.len as i64;
+    let ct = "text/html; charset=utf-8";
+    r.headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
+    r.headers_out.content_type_len = ct.len();
+    r.headers_out.content_type_lowcase = ptr::null_mut();
+
+    // SAFETY: sends the header of the request we own.
+    let rc = unsafe { ngx_http_send_header(r) };
+    if rc == NGX_ERROR as ngx_int_t || rc > 0 || r.header_only() != 0 {
+        return rc;
+    }
+    // SAFETY: buffer and chain are allocated from the request pool.
+    unsafe {
+        let b = ngx_pcalloc(r.pool, core::mem::size_of::<ngx_buf_t>()) as *mut ngx_buf_t;
+        if b.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*b).pos = body.data;
+        (*b).last = body.data.add(body.len);
+        (*b).set_memory(1);
+        (*b).set_last_buf(1);
+        (*b).set_last_in_chain(1);
+        let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
+        ngx_http_output_filter(r, &mut out)
+    }
+}
+
+/// `https` when the connection is TLS, else `http`.
+pub fn scheme(r: &ngx_http_request_t) -> &'static str {
+    // SAFETY: the connection outlives the request.
+    let c = unsafe { &*r.connection };
+    if c.ssl.is_null() {
+        "http"
+    } else {
+        "https"
+    }
+}
+
+/// The request's `Host` with its port, as the client sent it, if it looks like a host;
+/// otherwise the server name nginx selected.
+pub fn host(r: &ngx_http_request_t) -> String {
+    if let Some(h) = request_header(r, b"host") {
+        let ok = !h.is_empty()
+            && h.iter().all(|c| c.is_ascii_alphanumeric() || b".-:[]_".contains(c));
+        if ok {
+            return String::from_utf8_lossy(h).to_ascii_lowercase();
+        }
+    }
+    String::from_utf8_lossy(str_bytes(&r.headers_in.server)).into_owned()
+}

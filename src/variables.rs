@@ -1,0 +1,105 @@
+//! `$authentik_username`, `$authentik_groups`, `$authentik_entitlements`, `$authentik_email`,
+//! `$authentik_name`, `$authentik_uid`, `$authentik_jwt` and `$authentik_claim_<name>`.
+//! Empty (not found) until the access phase has authenticated the request.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use nginx_sys::{
+    ngx_conf_t, ngx_http_add_variable, ngx_http_request_t, ngx_int_t, ngx_str_t,
+    ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE, NGX_HTTP_VAR_PREFIX, NGX_OK,
+};
+use ngx::core::Status;
+
+use crate::handler::ctx_get;
+use crate::http;
+
+/// (variable name, index into `Identity::values`).
+const IDENTITY_VARIABLES: [(&str, usize); 7] = [
+    ("authentik_username", 0),
+    ("authentik_groups", 1),
+    ("authentik_entitlements", 2),
+    ("authentik_email", 3),
+    ("authentik_name", 4),
+    ("authentik_uid", 5),
+    ("authentik_jwt", 6),
+];
+const CLAIM_PREFIX: &str = "authentik_claim_";
+
+pub fn register(cf: &mut ngx_conf_t) -> Status {
+    for (name, index) in IDENTITY_VARIABLES {
+        if !add(cf, name, NGX_HTTP_VAR_NOCACHEABLE, identity_variable, index) {
+            return Status::NGX_ERROR;
+        }
+    }
+    let flags = NGX_HTTP_VAR_NOCACHEABLE | NGX_HTTP_VAR_PREFIX;
+    if !add(cf, CLAIM_PREFIX, flags, claim_variable, 0) {
+        return Status::NGX_ERROR;
+    }
+    Status::NGX_OK
+}
+
+type GetHandler = unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_variable_value_t, usize) -> ngx_int_t;
+
+fn add(cf: &mut ngx_conf_t, name: &'static str, flags: u32, get: GetHandler, data: usize) -> bool {
+    let mut name = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+    // SAFETY: registers a variable during preconfiguration; nginx copies the name.
+    let v = unsafe { ngx_http_add_variable(cf, &mut name, flags as _) };
+    if v.is_null() {
+        return false;
+    }
+    // SAFETY: `v` is the variable nginx just registered.
+    unsafe {
+        (*v).get_handler = Some(get);
+        (*v).data = data;
+    }
+    true
+}
+
+fn set_value(v: &mut ngx_variable_value_t, value: Option<ngx_str_t>) {
+    match value {
+        Some(s) => {
+            v.set_len(s.len as u32);
+            v.data = s.data;
+            v.set_valid(1);
+            v.set_no_cacheable(0);
+            v.set_not_found(0);
+        }
+        None => v.set_not_found(1),
+    }
+}
+
+unsafe extern "C" fn identity_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx passes the request and a value slot to fill.
+    let (r, v) = unsafe { (&mut *r, &mut *v) };
+    let value = catch_unwind(AssertUnwindSafe(|| {
+        let ctx = ctx_get(r)?;
+        let record = ctx.session.as_ref()?;
+        let value = record.identity.values.get(data)?;
+        // Points into the session record, which lives as long as the request.
+        Some(ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 })
+    }));
+    set_value(v, value.ok().flatten());
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn claim_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    // SAFETY: for prefix variables nginx passes a pointer to the full variable name as data.
+    let (r, v, name) = unsafe { (&mut *r, &mut *v, &*(data as *const ngx_str_t)) };
+    let value = catch_unwind(AssertUnwindSafe(|| {
+        let claim = http::bytes_of(name).strip_prefix(CLAIM_PREFIX.as_bytes())?;
+        let claim = core::str::from_utf8(claim).ok()?;
+        let ctx = ctx_get(r)?;
+        let value = ctx.session.as_ref()?.claim(claim)?;
+        http::pool_str(r, value.as_bytes())
+    }));
+    set_value(v, value.ok().flatten());
+    NGX_OK as ngx_int_t
+}

@@ -1,0 +1,503 @@
+//! The session zone: sessions and pending logins in nginx shared memory, seen by every worker.
+//!
+//! Layout (one slab pool per `authentik_session_zone`): a header with
+//! - `sessions`: rbtree keyed by the first 8 bytes of the random session id,
+//! - `by_sub`: rbtree of the same entries keyed by a hash of the `sub` claim (sign_out),
+//! - `lru`: queue of sessions, most recently used first (eviction when the zone is full),
+//! - `logins` and `login_lru`: pending logins keyed by their random `state`, bounded in number.
+//!
+//! Every operation holds the slab pool's mutex (`ngx_shmtx`, which the master releases if a
+//! worker dies holding it) for a short, allocation-free, panic-free critical section, except
+//! that record bytes are copied out to process memory before decoding.
+
+use core::ffi::c_void;
+use core::mem::{offset_of, size_of};
+use core::ptr::{self, NonNull};
+
+use authentik_core::oidc::PendingLogin;
+use authentik_core::session::{SessionId, SessionRecord};
+use authentik_core::UnixTime;
+use nginx_sys::{
+    ngx_conf_t, ngx_int_t, ngx_queue_empty, ngx_queue_init, ngx_queue_insert_after,
+    ngx_queue_remove, ngx_queue_t, ngx_rbtree_delete, ngx_rbtree_init, ngx_rbtree_insert,
+    ngx_rbtree_insert_value, ngx_rbtree_next, ngx_rbtree_node_t, ngx_rbtree_t,
+    ngx_shared_memory_add, ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc,
+    ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t, ngx_str_t, NGX_ERROR,
+    NGX_LOG_EMERG, NGX_OK,
+};
+
+use crate::conf::ConfError;
+use crate::HttpAuthentikModule;
+use ngx::http::HttpModule;
+
+/// Bumped whenever the shared layout changes: a reload that loads a module with another layout
+/// must not reuse the old zone's memory.
+const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e01;
+
+/// One `authentik_session_zone`, per configuration cycle.
+pub struct SessionZone {
+    pub name: String,
+    pub size: usize,
+    /// Upper bound of any session's lifetime, seconds.
+    pub timeout: i64,
+    shm_zone: *mut ngx_shm_zone_t,
+    shpool: *mut ngx_slab_pool_t,
+    header: *mut ZoneHeader,
+}
+
+#[repr(C)]
+struct ZoneHeader {
+    magic: u64,
+    sessions: ngx_rbtree_t,
+    sessions_sentinel: ngx_rbtree_node_t,
+    by_sub: ngx_rbtree_t,
+    by_sub_sentinel: ngx_rbtree_node_t,
+    lru: ngx_queue_t,
+    logins: ngx_rbtree_t,
+    logins_sentinel: ngx_rbtree_node_t,
+    login_lru: ngx_queue_t,
+    session_count: usize,
+    login_count: usize,
+    max_logins: usize,
+    /// When the last "zone is full" warning was logged (any worker), seconds.
+    last_full_warning: i64,
+}
+
+/// A session or a pending login in the slab; the record's bytes follow the struct.
+#[repr(C)]
+struct Entry {
+    node: ngx_rbtree_node_t,
+    /// Sessions only: node in `by_sub`, keyed by `sub_key(sub)`.
+    sub_node: ngx_rbtree_node_t,
+    lru: ngx_queue_t,
+    /// Sessions: the session id. Logins: unused.
+    id: [u8; 32],
+    expires_at: i64,
+    len: u32,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ZoneError {
+    #[error("session zone \"{0}\" has no room for this record")]
+    NoMemory(String),
+    #[error("session id collision")]
+    Collision,
+}
+
+/// What an insert had to do to find room.
+#[derive(Debug, Default)]
+pub struct Eviction {
+    pub evicted: usize,
+    /// `true` at most once a minute for the whole zone: log the warning then.
+    pub warn: bool,
+}
+
+fn sub_key(sub: &str) -> u64 {
+    // FNV-1a: spreads `sub` values over the index; collisions are resolved by comparing `sub`.
+    sub.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Shared-memory init callback; `data` is the previous cycle's `SessionZone` on reload.
+unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: nginx calls this with our zone whose `data` is the SessionZone set by `add`.
+    let shm_zone = unsafe { &mut *shm_zone };
+    let zone = unsafe { &mut *(shm_zone.data as *mut SessionZone) };
+    let shpool = shm_zone.shm.addr as *mut ngx_slab_pool_t;
+    zone.shpool = shpool;
+
+    if !data.is_null() {
+        // SAFETY: `data` is the old cycle's SessionZone, alive until the new cycle is set up.
+        let old = unsafe { &*(data as *const SessionZone) };
+        // SAFETY: the old header lives in the reused shared memory.
+        if old.header.is_null() || unsafe { (*old.header).magic } != MAGIC {
+            return reject_zone(shm_zone, zone);
+        }
+        zone.header = old.header;
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: shpool is the slab pool nginx initialised in this zone.
+    let pool = unsafe { &mut *shpool };
+    if shm_zone.shm.exists != 0 {
+        zone.header = pool.data as *mut ZoneHeader;
+        // SAFETY: an existing zone was set up by this module.
+        if zone.header.is_null() || unsafe { (*zone.header).magic } != MAGIC {
+            return reject_zone(shm_zone, zone);
+        }
+        return NGX_OK as ngx_int_t;
+    }
+
+    // SAFETY: allocates from the fresh slab pool (takes the pool mutex itself).
+    let header = unsafe { ngx_slab_alloc(shpool, size_of::<ZoneHeader>()) } as *mut ZoneHeader;
+    if header.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: `header` is a fresh, exclusively owned allocation of the right size.
+    unsafe {
+        ptr::write_bytes(header, 0, 1);
+        let h = &mut *header;
+        h.magic = MAGIC;
+        ngx_rbtree_init(&mut h.sessions, &mut h.sessions_sentinel, Some(ngx_rbtree_insert_value));
+        ngx_rbtree_init(&mut h.by_sub, &mut h.by_sub_sentinel, Some(ngx_rbtree_insert_value));
+        ngx_rbtree_init(&mut h.logins, &mut h.logins_sentinel, Some(ngx_rbtree_insert_value));
+        ngx_queue_init(&mut h.lru);
+        ngx_queue_init(&mut h.login_lru);
+        // Pending logins may use at most about a quarter of the zone.
+        h.max_logins = (zone.size / 4 / 1024).max(8);
+    }
+    pool.data = header as *mut c_void;
+    // The module evicts on allocation failure itself: no "ngx_slab_alloc() failed" alerts.
+    pool.set_log_nomem(0);
+    zone.header = header;
+
+    let ctx = format!(" in authentik session zone \"{}\"\0", zone.name);
+    // SAFETY: log_ctx is copied into the zone so it outlives this cycle.
+    let log_ctx = unsafe { ngx_slab_alloc(shpool, ctx.len()) } as *mut u8;
+    if !log_ctx.is_null() {
+        // SAFETY: log_ctx has room for ctx.len() bytes.
+        unsafe { ptr::copy_nonoverlapping(ctx.as_ptr(), log_ctx, ctx.len()) };
+        pool.log_ctx = log_ctx;
+    }
+    NGX_OK as ngx_int_t
+}
+
+fn reject_zone(shm_zone: &ngx_shm_zone_t, zone: &SessionZone) -> ngx_int_t {
+    // SAFETY: shm.log is the cycle log while zones are initialised.
+    let log = shm_zone.shm.log;
+    ngx::ngx_log_error!(
+        NGX_LOG_EMERG,
+        log,
+        "authentik session zone \"{}\" was created by another version of the module, \
+         restart nginx to recreate it",
+        zone.name
+    );
+    NGX_ERROR as ngx_int_t
+}
+
+/// Holds the zone's mutex for the guard's lifetime.
+struct Locked<'a> {
+    zone: &'a SessionZone,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the mutex was locked by `SessionZone::lock`.
+        unsafe { ngx_shmtx_unlock(&mut (*self.zone.shpool).mutex) };
+    }
+}
+
+impl SessionZone {
+    /// Registers the shared memory zone; nginx maps it and calls `init_zone` later.
+    pub fn add(
+        cf: &mut ngx_conf_t,
+        name: String,
+        size: usize,
+        timeout: i64,
+    ) -> Result<Box<SessionZone>, ConfError> {
+        let mut zone = Box::new(SessionZone {
+            name,
+            size,
+            timeout,
+            shm_zone: ptr::null_mut(),
+            shpool: ptr::null_mut(),
+            header: ptr::null_mut(),
+        });
+        let mut name = ngx_str_t { len: zone.name.len(), data: zone.name.as_ptr() as *mut u8 };
+        let tag = HttpAuthentikModule::module() as *const _ as *mut c_void;
+        // SAFETY: registers a zone; nginx copies nothing but keeps `name` (owned by the Box,
+        // which lives as long as the cycle's configuration).
+        let shm_zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, tag) };
+        if shm_zone.is_null() {
+            return Err(ConfError);
+        }
+        // SAFETY: shm_zone is valid for the cycle.
+        let shm = unsafe { &mut *shm_zone };
+        if !shm.data.is_null() {
+            ngx::ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "duplicate zone \"{}\"",
+                zone.name
+            );
+            return Err(ConfError);
+        }
+        shm.init = Some(init_zone);
+        shm.data = &mut *zone as *mut SessionZone as *mut c_void;
+        zone.shm_zone = shm_zone;
+        Ok(zone)
+    }
+
+    fn lock(&self) -> Locked<'_> {
+        // SAFETY: the pool exists once the zone is initialised (before any request).
+        unsafe { ngx_shmtx_lock(&mut (*self.shpool).mutex) };
+        Locked { zone: self }
+    }
+
+    fn header(&self, _lock: &Locked<'_>) -> &mut ZoneHeader {
+        // SAFETY: the header is initialised and the caller holds the zone's mutex.
+        unsafe { &mut *self.header }
+    }
+
+    /* sessions */
+
+    /// The session's record bytes, if the session exists and has not expired; marks it used.
+    pub fn lookup(&self, id: &SessionId, now: UnixTime) -> Option<Vec<u8>> {
+        let lock = self.lock();
+        let h = self.header(&lock);
+        let entry = find(&mut h.sessions, id.key())?;
+        // SAFETY: `entry` is a live session entry in the locked zone.
+        let e = unsafe { &mut *entry };
+        if e.id != id.0 {
+            return None;
+        }
+        if e.expires_at <= now {
+            self.delete_session(h, entry);
+            return None;
+        }
+        // SAFETY: moving a live entry to the head of the LRU queue under the lock.
+        unsafe {
+            ngx_queue_remove(&mut e.lru);
+            ngx_queue_insert_after(&mut h.lru, &mut e.lru);
+        }
+        Some(entry_data(entry).to_vec())
+    }
+
+    /// Stores a new session; evicts expired and then least recently used sessions for room.
+    pub fn insert(
+        &self,
+        id: &SessionId,
+        record: &SessionRecord,
+        now: UnixTime,
+    ) -> Result<Eviction, ZoneError> {
+        let bytes = record.encode();
+        let lock = self.lock();
+        let h = self.header(&lock);
+        if find(&mut h.sessions, id.key()).is_some() {
+            return Err(ZoneError::Collision);
+        }
+        self.expire_sessions(h, now, 2);
+        let mut eviction = Eviction::default();
+        let entry = loop {
+            if let Some(entry) = self.alloc_entry(bytes.len()) {
+                break entry;
+            }
+            if !self.evict_oldest_session(h) {
+                return Err(ZoneError::NoMemory(self.name.clone()));
+            }
+            eviction.evicted += 1;
+        };
+        if eviction.evicted > 0 && now - h.last_full_warning >= 60 {
+            h.last_full_warning = now;
+            eviction.warn = true;
+        }
+        // SAFETY: `entry` is a fresh allocation with room for the header and the record.
+        unsafe {
+            let e = &mut *entry;
+            e.node.key = id.key() as _;
+            e.sub_node.key = sub_key(&record.sub) as _;
+            e.id = id.0;
+            e.expires_at = record.expires_at;
+            e.len = bytes.len() as u32;
+            ptr::copy_nonoverlapping(bytes.as_ptr(), entry_data_ptr(entry), bytes.len());
+            ngx_rbtree_insert(&mut h.sessions, &mut e.node);
+            ngx_rbtree_insert(&mut h.by_sub, &mut e.sub_node);
+            ngx_queue_insert_after(&mut h.lru, &mut e.lru);
+        }
+        h.session_count += 1;
+        Ok(eviction)
+    }
+
+    /// Deletes every session whose `sub` is `sub`; returns how many.
+    pub fn remove_by_sub(&self, sub: &str) -> usize {
+        let key = sub_key(sub);
+        let lock = self.lock();
+        let h = self.header(&lock);
+        let mut doomed = Vec::new();
+        let sentinel = h.by_sub.sentinel;
+        // Leftmost node with a key >= `key`, then walk equal keys in order.
+        let mut node = h.by_sub.root;
+        let mut first = ptr::null_mut();
+        while node != sentinel {
+            // SAFETY: walking live nodes of the locked tree.
+            let n = unsafe { &*node };
+            if n.key as u64 >= key {
+                first = node;
+                node = n.left;
+            } else {
+                node = n.right;
+            }
+        }
+        let mut node = first;
+        // SAFETY: nodes of `by_sub` are `sub_node` fields of live entries.
+        while !node.is_null() && unsafe { (*node).key } as u64 == key {
+            let entry = unsafe { entry_of_sub_node(node) };
+            if SessionRecord::peek_sub(entry_data(entry)) == Some(sub) {
+                doomed.push(entry);
+            }
+            node = unsafe { ngx_rbtree_next(&mut h.by_sub, node) };
+        }
+        for entry in &doomed {
+            self.delete_session(h, *entry);
+        }
+        doomed.len()
+    }
+
+    /// Number of live (possibly expired but not yet collected) sessions.
+    pub fn session_count(&self) -> usize {
+        let lock = self.lock();
+        self.header(&lock).session_count
+    }
+
+    fn delete_session(&self, h: &mut ZoneHeader, entry: *mut Entry) {
+        // SAFETY: `entry` is a live session in the locked zone; it is unlinked then freed.
+        unsafe {
+            let e = &mut *entry;
+            ngx_rbtree_delete(&mut h.sessions, &mut e.node);
+            ngx_rbtree_delete(&mut h.by_sub, &mut e.sub_node);
+            ngx_queue_remove(&mut e.lru);
+            ngx_slab_free_locked(self.shpool, entry as *mut c_void);
+        }
+        h.session_count -= 1;
+    }
+
+    /// Drops up to `n` expired sessions from the LRU tail.
+    fn expire_sessions(&self, h: &mut ZoneHeader, now: UnixTime, n: usize) {
+        for _ in 0..n {
+            let Some(entry) = lru_tail(&mut h.lru) else { return };
+            // SAFETY: a live entry of the locked zone.
+            if unsafe { (*entry).expires_at } > now {
+                return;
+            }
+            self.delete_session(h, entry);
+        }
+    }
+
+    fn evict_oldest_session(&self, h: &mut ZoneHeader) -> bool {
+        let Some(entry) = lru_tail(&mut h.lru) else { return false };
+        self.delete_session(h, entry);
+        true
+    }
+
+    fn alloc_entry(&self, len: usize) -> Option<*mut Entry> {
+        // SAFETY: called with the zone's mutex held.
+        let p = unsafe { ngx_slab_alloc_locked(self.shpool, size_of::<Entry>() + len) };
+        NonNull::new(p as *mut Entry).map(NonNull::as_ptr)
+    }
+
+    /* pending logins */
+
+    /// Stores a started login until its callback; the oldest pending logins make room.
+    pub fn insert_login(&self, login: &PendingLogin, now: UnixTime) -> Result<(), ZoneError> {
+        let Some(key) = PendingLogin::key_of(&login.state) else {
+            return Err(ZoneError::Collision);
+        };
+        let bytes = login.encode();
+        let lock = self.lock();
+        let h = self.header(&lock);
+        if find(&mut h.logins, key).is_some() {
+            return Err(ZoneError::Collision);
+        }
+        // Expired logins go first; then the oldest beyond the cap.
+        while let Some(entry) = lru_tail(&mut h.login_lru) {
+            // SAFETY: a live login entry of the locked zone.
+            if unsafe { (*entry).expires_at } > now && h.login_count < h.max_logins {
+                break;
+            }
+            self.delete_login(h, entry);
+        }
+        let entry = loop {
+            if let Some(entry) = self.alloc_entry(bytes.len()) {
+                break entry;
+            }
+            let Some(oldest) = lru_tail(&mut h.login_lru) else {
+                return Err(ZoneError::NoMemory(self.name.clone()));
+            };
+            self.delete_login(h, oldest);
+        };
+        // SAFETY: `entry` is a fresh allocation with room for the header and the record.
+        unsafe {
+            let e = &mut *entry;
+            e.node.key = key as _;
+            e.expires_at = login.created_at + authentik_core::oidc::login::LOGIN_TTL;
+            e.len = bytes.len() as u32;
+            ptr::copy_nonoverlapping(bytes.as_ptr(), entry_data_ptr(entry), bytes.len());
+            ngx_rbtree_insert(&mut h.logins, &mut e.node);
+            ngx_queue_insert_after(&mut h.login_lru, &mut e.lru);
+        }
+        h.login_count += 1;
+        Ok(())
+    }
+
+    /// Removes and returns the pending login for `state` (one use), unless it has expired.
+    pub fn take_login(&self, state: &str, now: UnixTime) -> Option<PendingLogin> {
+        let key = PendingLogin::key_of(state)?;
+        let bytes = {
+            let lock = self.lock();
+            let h = self.header(&lock);
+            let entry = find(&mut h.logins, key)?;
+            let bytes = entry_data(entry).to_vec();
+            self.delete_login(h, entry);
+            bytes
+        };
+        let login = PendingLogin::decode(&bytes)?;
+        if login.state != state || login.is_expired(now) {
+            return None;
+        }
+        Some(login)
+    }
+
+    fn delete_login(&self, h: &mut ZoneHeader, entry: *mut Entry) {
+        // SAFETY: `entry` is a live login in the locked zone; it is unlinked then freed.
+        unsafe {
+            let e = &mut *entry;
+            ngx_rbtree_delete(&mut h.logins, &mut e.node);
+            ngx_queue_remove(&mut e.lru);
+            ngx_slab_free_locked(self.shpool, entry as *mut c_void);
+        }
+        h.login_count -= 1;
+    }
+}
+
+/* intrusive-structure helpers; all callers hold the zone's mutex */
+
+fn find(tree: &mut ngx_rbtree_t, key: u64) -> Option<*mut Entry> {
+    let sentinel = tree.sentinel;
+    let mut node = tree.root;
+    while node != sentinel {
+        // SAFETY: walking live nodes of a locked tree.
+        let n = unsafe { &*node };
+        let k = n.key as u64;
+        if key < k {
+            node = n.left;
+        } else if key > k {
+            node = n.right;
+        } else {
+            // `node` is the first field of Entry.
+            return Some(node as *mut Entry);
+        }
+    }
+    None
+}
+
+fn lru_tail(queue: &mut ngx_queue_t) -> Option<*mut Entry> {
+    // SAFETY: the queue is a live list head in the locked zone.
+    if unsafe { ngx_queue_empty(queue) } {
+        return None;
+    }
+    let last = queue.prev;
+    Some((last as *mut u8).wrapping_sub(offset_of!(Entry, lru)) as *mut Entry)
+}
+
+/// # Safety
+/// `node` must be the `sub_node` field of a live `Entry`.
+unsafe fn entry_of_sub_node(node: *mut ngx_rbtree_node_t) -> *mut Entry {
+    (node as *mut u8).wrapping_sub(offset_of!(Entry, sub_node)) as *mut Entry
+}
+
+fn entry_data_ptr(entry: *mut Entry) -> *mut u8 {
+    (entry as *mut u8).wrapping_add(size_of::<Entry>())
+}
+
+fn entry_data<'a>(entry: *mut Entry) -> &'a [u8] {
+    // SAFETY: the entry's record bytes follow it; the caller holds the lock while using them.
+    unsafe { core::slice::from_raw_parts(entry_data_ptr(entry), (*entry).len as usize) }
+}

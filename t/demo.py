@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""`make demo`: nginx + ngx_http_authentik_module + a local OIDC provider + a sample app.
+
+  provider   http://127.0.0.1:9000   (t/provider/server.mjs, users alice and bob)
+  app        http://127.0.0.1:<free> (t/upstream.py: echoes the request it receives)
+  nginx      http://127.0.0.1:8080   (Debian's /usr/sbin/nginx + build/ngx_http_authentik_module.so)
+
+Open http://127.0.0.1:8080/ and log in as alice / alice-password: the page shows the
+headers the app received (X-authentik-username, -groups, ...).  Ctrl-C stops everything.
+Options: --nginx PATH --module PATH --port 8080 --provider-port 9000 (env DEMO_NGINX, DEMO_MODULE).
+"""
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+from harness import Nginx, Provider, Upstream  # noqa: E402
+
+# The example configuration (it doubles as documentation of the module's directives).
+EXAMPLE_CONF = r"""
+# Sessions live in shared memory, shared by all workers; they survive `nginx -s reload`.
+authentik_session_zone zone=authentik:16m timeout=24h;
+
+authentik_provider demo {
+    issuer        @ISSUER@;            # discovery: <issuer>/.well-known/openid-configuration
+    client_id     @CLIENT_ID@;
+    client_secret @CLIENT_SECRET@;     # or: client_secret_file /etc/nginx/authentik-demo.secret;
+    external_host http://127.0.0.1:@PORT@;
+    mode          proxy;               # proxy | forward_single | forward_domain
+    scopes        openid profile email entitlements ak_proxy;
+    unauth_paths  ^/public/ ^/health$; # no login needed (regexes on the path)
+    timeout       10s;                 # each call to the provider
+    # post_logout_redirect http://127.0.0.1:@PORT@/;   # default: <external_host>/
+}
+
+server {
+    listen 127.0.0.1:@PORT@;
+    server_name localhost;
+
+    # the sample app, behind the login; it receives X-authentik-* headers
+    location / {
+        auth_authentik demo;
+        proxy_pass http://127.0.0.1:@UPSTREAM_PORT@;
+    }
+
+    # WebSockets work through the same session
+    location /ws {
+        auth_authentik demo;
+        proxy_pass http://127.0.0.1:@UPSTREAM_PORT@;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection "upgrade";
+    }
+
+    # not protected at all
+    location = /robots.txt {
+        auth_authentik off;
+        return 200 "User-agent: *\nDisallow: /\n";
+    }
+
+    # the module's variables can be used anywhere nginx takes variables
+    add_header X-Demo-User $authentik_username always;
+    authentik_unauth_paths ^/favicon\.ico$;
+}
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description="nginx-authentik demo")
+    ap.add_argument("--nginx", default=os.environ.get("DEMO_NGINX", "/usr/sbin/nginx"))
+    ap.add_argument("--module", default=os.environ.get("DEMO_MODULE", str(harness.BUILD / "ngx_http_authentik_module.so")))
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--provider-port", type=int, default=9000)
+    ap.add_argument("--print-config", action="store_true", help="print the example nginx config and exit")
+    a = ap.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-demo-"))
+    client = {
+        "client_id": "nginx-demo",
+        "client_secret": "demo-secret-" + os.urandom(16).hex(),
+        "redirect_uris": [f"http://127.0.0.1:{a.port}/outpost.goauthentik.io/callback?X-authentik-auth-callback=true",
+                          f"http://localhost:{a.port}/outpost.goauthentik.io/callback?X-authentik-auth-callback=true"],
+        "post_logout_redirect_uris": [f"http://127.0.0.1:{a.port}/", f"http://localhost:{a.port}/"],
+        "token_endpoint_auth_method": "client_secret_basic",
+        "id_token_signed_response_alg": "RS256",
+        "grant_types": ["authorization_code"],
+        "response_types": ["code"],
+    }
+    issuer = f"http://127.0.0.1:{a.provider_port}"
+    values = {"ISSUER": issuer, "CLIENT_ID": client["client_id"], "CLIENT_SECRET": client["client_secret"]}
+
+    if a.print_config:
+        n = Nginx("debian", workdir / "nginx")
+        n.port = a.port
+        n.vars["PORT"] = str(a.port)
+        print(n.subst(EXAMPLE_CONF, UPSTREAM_PORT="<app port>", **values))
+        return 0
+
+    procs = []
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        for p in reversed(procs):
+            try:
+                p.stop()
+            except Exception as exc:  # keep stopping the rest
+                print(f"stop: {exc}", file=sys.stderr)
+
+    def on_signal(signum, _frame):
+        stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        provider = Provider(workdir / "provider", port=a.provider_port, clients=[client], issuer=issuer)
+        procs.append(provider)
+        provider.start()
+        upstream = Upstream(workdir / "app")
+        procs.append(upstream)
+        upstream.start()
+        nginx = Nginx("debian", workdir / "nginx", worker_processes=2)
+        nginx.binary, nginx.module = Path(a.nginx), Path(a.module)
+        nginx.port = a.port
+        nginx.vars["PORT"] = str(a.port)
+        procs.append(nginx)
+        nginx.start(EXAMPLE_CONF, UPSTREAM_PORT=upstream.port, **values)
+
+        print()
+        print(f"Open http://127.0.0.1:{a.port}/ and log in as alice / {harness.USERS['alice']}"
+              f"  (or bob / {harness.USERS['bob']})")
+        print(f"Sign out: http://127.0.0.1:{a.port}/outpost.goauthentik.io/sign_out")
+        print(f"Provider: {issuer}/.well-known/openid-configuration")
+        print(f"nginx config: {nginx.conf_path}   error log: {nginx.error_log_path}")
+        print("Ctrl-C to stop.")
+        sys.stdout.flush()
+        while True:
+            for p in procs:
+                if p.proc is not None and p.proc.poll() is not None:
+                    print(f"{type(p).__name__} exited with {p.proc.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except Exception as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
