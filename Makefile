@@ -15,7 +15,7 @@ DEBIAN_OBJS := $(BUILD)/nginx-objs
 DEBIAN_TARGET := $(BUILD)/target-debian
 VENDORED_TARGET := $(BUILD)/target-vendored
 
-.PHONY: all module module-vendored deps check unittest e2e test demo deb docker-image bench bench-smoke clean
+.PHONY: all module module-vendored deps check unittest e2e test demo deb docker-image bench bench-module bench-smoke clean
 
 all: module module-vendored
 
@@ -75,10 +75,22 @@ demo: module
 	@.ci/deps.sh test
 	$(BUILD)/venv/bin/python t/demo.py
 
-bench: module
+# The bench uses its own build with the BENCH-ONLY fill endpoint (cargo feature `bench`);
+# that .so is never packaged.
+BENCH_TARGET := $(BUILD)/target-bench
+
+$(BUILD)/bench/ngx_http_authentik_module.so: $(DEBIAN_OBJS)/Makefile $(RUST_SOURCES)
+	@mkdir -p $(BUILD)/bench
+	NGINX_SOURCE_DIR=$(DEBIAN_SRC) NGINX_BUILD_DIR=$(DEBIAN_OBJS) CARGO_TARGET_DIR=$(BENCH_TARGET) \
+		$(CARGO) build --locked --profile $(PROFILE) -p nginx-authentik --features bench
+	cp $(BENCH_TARGET)/$(PROFILE)/$(MODULE_SO) $@
+
+bench-module: $(BUILD)/bench/ngx_http_authentik_module.so
+
+bench: module bench-module
 	bench/run.sh
 
-bench-smoke: module
+bench-smoke: module bench-module
 	BENCH_SMOKE=1 bench/run.sh
 
 print-%:

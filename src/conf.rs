@@ -20,6 +20,7 @@ use nginx_sys::{
 use ngx::core::NGX_CONF_ERROR;
 use ngx::http::HttpModuleMainConf;
 use ngx::ngx_conf_log_error;
+use url::Url;
 
 use crate::zone::SessionZone;
 use crate::HttpAuthentikModule;
@@ -206,18 +207,18 @@ pub unsafe extern "C" fn cmd_add_session_zone(
 /// Collects the block's directives before the provider is validated as a whole.
 #[derive(Default)]
 struct ProviderBlock {
-    issuer: Option<String>,
+    issuer: Option<Url>,
     client_id: Option<String>,
     client_secret: Option<String>,
-    external_host: Option<String>,
+    external_host: Option<Url>,
     mode: Option<Mode>,
     cookie_domain: Option<String>,
     scopes: Option<Vec<String>>,
-    unauth: Option<Vec<String>>,
+    unauth: Option<UnauthPaths>,
     session_zone: Option<String>,
     timeout_ms: Option<u64>,
     ca_file: Option<PathBuf>,
-    post_logout_redirect: Option<String>,
+    post_logout_redirect: Option<Url>,
 }
 
 pub unsafe extern "C" fn cmd_add_provider(
@@ -277,26 +278,14 @@ fn build_provider(
             name
         ));
     };
-    let issuer = parse_http_url(&issuer).map_err(|e| emerg!(cf, "issuer: {}", e))?;
-    let external_host = match block.external_host {
-        Some(h) => Some(parse_http_url(&h).map_err(|e| emerg!(cf, "external_host: {}", e))?),
-        None => None,
-    };
-    let post_logout_redirect = match block.post_logout_redirect {
-        Some(h) => {
-            Some(parse_http_url(&h).map_err(|e| emerg!(cf, "post_logout_redirect: {}", e))?)
-        }
-        None => None,
-    };
-    let unauth = UnauthPaths::compile(&block.unauth.unwrap_or_default())
-        .map_err(|e| emerg!(cf, "unauth_paths: {}", e))?;
+    let unauth = block.unauth.unwrap_or_default();
 
     let settings = ProviderSettings {
         name,
         issuer,
         client_id,
         client_secret,
-        external_host,
+        external_host: block.external_host,
         mode: block.mode.unwrap_or_default(),
         cookie_domain: block.cookie_domain,
         scopes: block
@@ -304,7 +293,7 @@ fn build_provider(
             .unwrap_or_else(|| DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect()),
         timeout_ms: block.timeout_ms.unwrap_or(10_000),
         ca_file: block.ca_file,
-        post_logout_redirect,
+        post_logout_redirect: block.post_logout_redirect,
     };
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));
@@ -364,8 +353,13 @@ unsafe extern "C" fn provider_directive(
         }};
     }
 
+    let url = |cf: &mut ngx_conf_t| -> Result<Url, *mut c_char> {
+        let value = one(cf)?;
+        parse_http_url(&value).map_err(|e| emerg!(cf, "{}: {}", name, e))
+    };
+
     match name {
-        "issuer" => set_once!(block.issuer, one(cf)),
+        "issuer" => set_once!(block.issuer, url(cf)),
         "client_id" => set_once!(block.client_id, one(cf)),
         "client_secret" => set_once!(block.client_secret, one(cf)),
         "client_secret_file" => {
@@ -376,7 +370,12 @@ unsafe extern "C" fn provider_directive(
             let secret = match std::fs::read_to_string(&path) {
                 Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
                 Err(e) => {
-                    return emerg!(cf, "cannot read client_secret_file \"{}\": {}", path.display(), e)
+                    return emerg!(
+                        cf,
+                        "cannot read client_secret_file \"{}\": {}",
+                        path.display(),
+                        e
+                    )
                 }
             };
             if secret.is_empty() {
@@ -384,7 +383,7 @@ unsafe extern "C" fn provider_directive(
             }
             set_once!(block.client_secret, Ok::<_, *mut c_char>(secret))
         }
-        "external_host" => set_once!(block.external_host, one(cf)),
+        "external_host" => set_once!(block.external_host, url(cf)),
         "mode" => {
             let value = match one(cf) {
                 Ok(v) => v,
@@ -402,7 +401,12 @@ unsafe extern "C" fn provider_directive(
             set_once!(block.cookie_domain, domain)
         }
         "scopes" => set_once!(block.scopes, many(cf)),
-        "unauth_paths" => set_once!(block.unauth, many(cf)),
+        "unauth_paths" => {
+            let paths = many(cf).and_then(|patterns| {
+                UnauthPaths::compile(&patterns).map_err(|e| emerg!(cf, "{}", e))
+            });
+            set_once!(block.unauth, paths)
+        }
         "session_zone" => set_once!(block.session_zone, one(cf)),
         "timeout" => {
             let value = match one(cf) {
@@ -424,7 +428,7 @@ unsafe extern "C" fn provider_directive(
             };
             set_once!(block.ca_file, Ok::<_, *mut c_char>(path))
         }
-        "post_logout_redirect" => set_once!(block.post_logout_redirect, one(cf)),
+        "post_logout_redirect" => set_once!(block.post_logout_redirect, url(cf)),
         _ => return emerg!(cf, "unknown directive \"{}\"", name),
     }
     CONF_OK
@@ -529,8 +533,7 @@ pub unsafe extern "C" fn merge_loc_conf(
         conf.provider = ptr::null();
         return CONF_OK;
     };
-    let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings.name == name)
-    else {
+    let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings.name == name) else {
         // Reported with the directive's own position, like nginx does for unknown references.
         let msg = format!("unknown authentik_provider \"{name}\" in {origin}");
         let cmsg = std::ffi::CString::new(msg).unwrap_or_default();

@@ -22,10 +22,9 @@ use authentik_core::session::{SessionId, SessionRecord};
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
     ngx_http_request_t, ngx_int_t, ngx_pool_cleanup_add, ngx_pool_cleanup_t, NGX_AGAIN,
-    NGX_DECLINED, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FORBIDDEN,
-    NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_HTTP_MOVED_TEMPORARILY, NGX_HTTP_NOT_FOUND,
-    NGX_HTTP_NO_CONTENT, NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
-    NGX_LOG_ERR, NGX_LOG_WARN,
+    NGX_DECLINED, NGX_HTTP_BAD_REQUEST, NGX_HTTP_FORBIDDEN, NGX_HTTP_INTERNAL_SERVER_ERROR,
+    NGX_HTTP_MOVED_TEMPORARILY, NGX_HTTP_NOT_FOUND, NGX_HTTP_NO_CONTENT,
+    NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_WARN,
 };
 use ngx::core::Status;
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
@@ -41,7 +40,8 @@ const OUTPOST_PREFIX: &[u8] = b"/outpost.goauthentik.io/";
 const START_PATH: &str = "/outpost.goauthentik.io/start";
 const LOGIN_COOKIE_PATH: &str = "/outpost.goauthentik.io/";
 const OUTPOST_NAME: &str = "nginx-authentik";
-const OUTPOST_VERSION: &str = concat!("goauthentik.io/outpost/nginx-authentik-", env!("CARGO_PKG_VERSION"));
+const OUTPOST_VERSION: &str =
+    concat!("goauthentik.io/outpost/nginx-authentik-", env!("CARGO_PKG_VERSION"));
 
 static IDENTITY_HEADER_NAMES: [HeaderName; 7] = [
     HeaderName::new(IDENTITY_HEADERS[0], "x-authentik-username"),
@@ -52,7 +52,8 @@ static IDENTITY_HEADER_NAMES: [HeaderName; 7] = [
     HeaderName::new(IDENTITY_HEADERS[5], "x-authentik-uid"),
     HeaderName::new(IDENTITY_HEADERS[6], "x-authentik-jwt"),
 ];
-const META_OUTPOST: HeaderName = HeaderName::new("X-authentik-meta-outpost", "x-authentik-meta-outpost");
+const META_OUTPOST: HeaderName =
+    HeaderName::new("X-authentik-meta-outpost", "x-authentik-meta-outpost");
 const META_PROVIDER: HeaderName =
     HeaderName::new("X-authentik-meta-provider", "x-authentik-meta-provider");
 const META_APP: HeaderName = HeaderName::new("X-authentik-meta-app", "x-authentik-meta-app");
@@ -79,6 +80,9 @@ pub struct RequestCtx {
     done: bool,
     resume: Option<Resume>,
     task: *mut TaskData,
+    /// Set by the task's completion event; until then the request stays suspended even if
+    /// nginx runs its phase handlers again (a write event on the connection does that).
+    pub task_finished: bool,
 }
 
 /// The cleanup handler that marks a pool cleanup entry as this module's request context;
@@ -187,14 +191,21 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     if ctx.done {
         return NGX_DECLINED as ngx_int_t;
     }
+    if ctx.resume.is_some() && !ctx.task_finished {
+        return NGX_AGAIN as ngx_int_t;
+    }
     if let Some(resume) = ctx.resume.take() {
-        let outcome = task::take_outcome(ctx.task).unwrap_or(Outcome::Panicked);
+        ctx.task_finished = false;
+        let outcome =
+            task::take_outcome(ctx.task).unwrap_or_else(|| Outcome::Panicked("no outcome".into()));
         ctx.task = ptr::null_mut();
         return resume_after_task(r, provider, zone, resume, outcome);
     }
 
     // Client-sent identity headers never reach the upstream, authenticated or not.
-    http::neutralise_request_headers(r, |name| is_forged_identity_header(name, &[]));
+    if !http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[])) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
 
     let uri = http::bytes_of(&r.uri);
     if let Some(endpoint) = uri.strip_prefix(OUTPOST_PREFIX) {
@@ -202,7 +213,8 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     }
     let args = http::bytes_of(&r.args);
     if !args.is_empty()
-        && query_arg(args, b"X-authentik-auth-callback").is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
+        && query_arg(args, b"X-authentik-auth-callback")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
     {
         return callback(r, provider, zone);
     }
@@ -259,7 +271,9 @@ fn pass_authenticated(
             .chain(proxy_mode.then(|| "x-forwarded-host".to_string()))
             .collect();
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        http::neutralise_request_headers(r, |name| is_forged_identity_header(name, &extra));
+        if !http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &extra)) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
     }
 
     let mut ok = true;
@@ -327,6 +341,8 @@ fn outpost_endpoint(
         }
         b"callback" => callback(r, provider, zone),
         b"sign_out" => sign_out(r, provider, zone),
+        #[cfg(feature = "bench")]
+        b"bench/fill" => bench_fill(r, provider, zone),
         _ => NGX_HTTP_NOT_FOUND as ngx_int_t,
     }
 }
@@ -340,14 +356,25 @@ fn start_login(
     stale_cookie: bool,
 ) -> ngx_int_t {
     let Some(discovery) = provider.cache.fresh_discovery(now()) else {
-        return suspend(r, provider, Work::Discovery, Resume::StartLogin { return_to, stale_cookie });
+        return suspend(
+            r,
+            provider,
+            Work::Discovery,
+            Resume::StartLogin { return_to, stale_cookie },
+        );
     };
     let (scheme, host) = (http::scheme(r), http::host(r));
     let redirect_uri = provider.settings.redirect_uri(scheme, &host);
     let login = PendingLogin::new(return_to, redirect_uri, now());
     if let Err(e) = zone.insert_login(&login, now()) {
         log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
-        return page(r, NGX_HTTP_SERVICE_UNAVAILABLE, "Service unavailable", "Too many logins are in progress. Try again in a moment.", true);
+        return page(
+            r,
+            NGX_HTTP_SERVICE_UNAVAILABLE,
+            "Service unavailable",
+            "Too many logins are in progress. Try again in a moment.",
+            true,
+        );
     }
     let url = authorize_url(
         &discovery.authorization_endpoint,
@@ -387,7 +414,13 @@ fn callback(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone)
         let msg = format!("identity provider refused the login: \"{}\"", error.escape_default());
         log_error(r, NGX_LOG_WARN, &msg, "completing authentik login");
         expire_cookie(r, provider, &login_cookie, LOGIN_COOKIE_PATH);
-        return page(r, NGX_HTTP_FORBIDDEN, "Access denied", "The identity provider did not allow this login.", true);
+        return page(
+            r,
+            NGX_HTTP_FORBIDDEN,
+            "Access denied",
+            "The identity provider did not allow this login.",
+            true,
+        );
     }
     let Some(code) = code else {
         return invalid_state(r, "the login response has no code");
@@ -416,7 +449,9 @@ fn sign_out(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone)
         return redirect(r, "/");
     }
     match provider.cache.any_discovery() {
-        Some(discovery) => finish_sign_out(r, provider, discovery.end_session_endpoint.as_deref(), id_token),
+        Some(discovery) => {
+            finish_sign_out(r, provider, discovery.end_session_endpoint.as_deref(), id_token)
+        }
         None => suspend(r, provider, Work::Discovery, Resume::SignOut { id_token }),
     }
 }
@@ -450,14 +485,24 @@ fn finish_sign_out(
 
 /* thread-pool round trips */
 
-fn suspend(r: &mut ngx_http_request_t, provider: &Provider, work: Work, resume: Resume) -> ngx_int_t {
+fn suspend(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    work: Work,
+    resume: Resume,
+) -> ngx_int_t {
     let Some(mcf) = HttpAuthentikModule::main_conf(r) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     let pool = mcf.thread_pool;
     let mut slot = ptr::null_mut();
     if !task::post(r, pool, provider, work, &mut slot) {
-        log_error(r, NGX_LOG_ERR, "cannot post a task to the thread pool", "starting authentik login");
+        log_error(
+            r,
+            NGX_LOG_ERR,
+            "cannot post a task to the thread pool",
+            "starting authentik login",
+        );
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
     let ctx = ctx_get(r).expect("request ctx");
@@ -500,8 +545,9 @@ fn resume_after_task(
                 }
             }
         }
-        (_, Outcome::Panicked) => {
-            log_error(r, NGX_LOG_ALERT, "provider task panicked", "talking to the authentik provider");
+        (_, Outcome::Panicked(msg)) => {
+            let msg = format!("provider task panicked: {msg}");
+            log_error(r, NGX_LOG_ALERT, &msg, "talking to the authentik provider");
             NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
         }
         _ => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
@@ -524,7 +570,13 @@ fn create_session(
             Err(crate::zone::ZoneError::Collision) if attempt < 3 => attempt += 1,
             Err(e) => {
                 log_error(r, NGX_LOG_ERR, &format!("{e}"), "creating authentik session");
-                return page(r, NGX_HTTP_SERVICE_UNAVAILABLE, "Service unavailable", "The session store is full. Try again in a moment.", true);
+                return page(
+                    r,
+                    NGX_HTTP_SERVICE_UNAVAILABLE,
+                    "Service unavailable",
+                    "The session store is full. Try again in a moment.",
+                    true,
+                );
             }
         }
     };
@@ -552,7 +604,13 @@ fn redirect(r: &mut ngx_http_request_t, url: &str) -> ngx_int_t {
     NGX_HTTP_MOVED_TEMPORARILY as ngx_int_t
 }
 
-fn page(r: &mut ngx_http_request_t, status: u32, title: &str, message: &str, retry: bool) -> ngx_int_t {
+fn page(
+    r: &mut ngx_http_request_t,
+    status: u32,
+    title: &str,
+    message: &str,
+    retry: bool,
+) -> ngx_int_t {
     let link = retry.then_some((START_PATH, "Log in again"));
     let html = error_page(title, message, link);
     http::send_page(r, status as usize, &html)
@@ -595,10 +653,15 @@ fn log_error(r: &mut ngx_http_request_t, level: u32, msg: &str, action: &str) {
 
 fn session_cookie(r: &ngx_http_request_t, provider: &Provider) -> Option<Vec<u8>> {
     let name = provider.cookie_name.as_bytes();
-    http::request_headers(r, b"cookie").find_map(|h| cookie::find_cookie(h, name)).map(<[u8]>::to_vec)
+    http::request_headers(r, b"cookie")
+        .find_map(|h| cookie::find_cookie(h, name))
+        .map(<[u8]>::to_vec)
 }
 
-fn session_cookie_attributes<'a>(r: &ngx_http_request_t, provider: &'a Provider) -> CookieAttributes<'a> {
+fn session_cookie_attributes<'a>(
+    r: &ngx_http_request_t,
+    provider: &'a Provider,
+) -> CookieAttributes<'a> {
     CookieAttributes {
         path: "/",
         domain: cookie_domain(provider),
@@ -606,7 +669,10 @@ fn session_cookie_attributes<'a>(r: &ngx_http_request_t, provider: &'a Provider)
     }
 }
 
-fn login_cookie_attributes<'a>(r: &ngx_http_request_t, provider: &'a Provider) -> CookieAttributes<'a> {
+fn login_cookie_attributes<'a>(
+    r: &ngx_http_request_t,
+    provider: &'a Provider,
+) -> CookieAttributes<'a> {
     CookieAttributes { path: LOGIN_COOKIE_PATH, ..session_cookie_attributes(r, provider) }
 }
 
@@ -642,8 +708,13 @@ fn current_url(r: &ngx_http_request_t, provider: &Provider) -> String {
         _ => external_origin(r, provider),
     };
     let url = format!("{origin}{uri}");
-    validate_return_to(&url, provider.settings.mode, &external_origin(r, provider), provider.settings.cookie_domain.as_deref())
-        .unwrap_or_else(|| format!("{}/", external_origin(r, provider)))
+    validate_return_to(
+        &url,
+        provider.settings.mode,
+        &external_origin(r, provider),
+        provider.settings.cookie_domain.as_deref(),
+    )
+    .unwrap_or_else(|| format!("{}/", external_origin(r, provider)))
 }
 
 /// The string unauthenticated paths are matched against (authentik's semantics).
@@ -657,4 +728,33 @@ fn unauth_subject(r: &ngx_http_request_t, provider: &Provider) -> String {
         ),
         _ => String::from_utf8_lossy(http::bytes_of(&r.uri)).into_owned(),
     }
+}
+
+/// BENCH-ONLY (cargo feature `bench`, never in release packages): copies the caller's session
+/// `n` times under fresh random ids, so `make bench` can measure lookups with a large zone
+/// without running a million logins. Answers with the zone's session count and free pages.
+#[cfg(feature = "bench")]
+fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
+    let Some(record) = session_cookie(r, provider)
+        .and_then(|v| SessionId::from_cookie_value(&v))
+        .and_then(|id| find_session(zone, &id))
+    else {
+        return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
+    };
+    let n = query_arg(http::bytes_of(&r.args), b"n")
+        .and_then(|v| core::str::from_utf8(v).ok()?.parse::<usize>().ok())
+        .unwrap_or(1000);
+    let mut evicted = 0;
+    for _ in 0..n {
+        if let Ok(e) = zone.insert(&SessionId::generate(), &record, now()) {
+            evicted += e.evicted;
+        }
+    }
+    let (sessions, free_pages, total_pages) = zone.stats();
+    let body = format!(
+        "inserted {n}\nevicted {evicted}\nsessions {sessions}\nfree_pages {free_pages}\n\
+         total_pages {total_pages}\nrecord_bytes {}\n",
+        record.encode().len()
+    );
+    http::send_page(r, 200, &body)
 }

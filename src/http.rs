@@ -1,11 +1,13 @@
 //! Small helpers over `ngx_http_request_t`: reading request headers, adding or neutralising
 //! headers, and sending the module's own responses (redirects, status codes, short pages).
 
+use core::ffi::c_void;
+use core::mem::size_of;
 use core::ptr;
 
 use nginx_sys::{
-    ngx_buf_t, ngx_chain_t, ngx_pcalloc, ngx_http_finalize_request, ngx_http_output_filter,
-    ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_list_push,
+    ngx_buf_t, ngx_chain_t, ngx_http_finalize_request, ngx_http_output_filter, ngx_http_request_t,
+    ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_list_push, ngx_palloc, ngx_pcalloc,
     ngx_pnalloc, ngx_str_t, ngx_table_elt_t, ngx_uint_t, NGX_DONE, NGX_ERROR,
     NGX_HTTP_INTERNAL_SERVER_ERROR,
 };
@@ -104,10 +106,9 @@ fn push_header(
 ) -> Option<*mut ngx_table_elt_t> {
     let value = pool_str(r, value)?;
     let (key, lowcase) = match lowercase {
-        Some(lc) => (
-            ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 },
-            lc.as_ptr() as *mut u8,
-        ),
+        Some(lc) => {
+            (ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 }, lc.as_ptr() as *mut u8)
+        }
         None => {
             let key = pool_str(r, name)?;
             let lc = pool_str(r, &name.to_ascii_lowercase())?;
@@ -150,16 +151,83 @@ pub fn add_response_header(r: &mut ngx_http_request_t, name: &HeaderName, value:
     push_header(r, list, name.name.as_bytes(), Some(name.lowercase), value).is_some()
 }
 
-/// Removes every request header for which `forged(name)` holds. nginx's proxy (and fastcgi,
-/// uwsgi, scgi, grpc) modules skip list entries whose hash is 0, so the upstream never sees them.
-pub fn neutralise_request_headers(r: &mut ngx_http_request_t, forged: impl Fn(&[u8]) -> bool) {
-    for elt in header_elts(&r.headers_in.headers) {
-        // SAFETY: elements of the request's header list, modified in place.
-        let h = unsafe { &mut *elt };
-        if h.hash != 0 && forged(str_bytes(&h.key)) {
-            h.hash = 0;
+/// Removes every request header for which `doomed(name, value)` holds from the list the
+/// upstream modules (proxy, fastcgi, uwsgi, scgi, grpc) copy headers from. Returns false when
+/// memory ran out (some headers may then remain).
+pub fn remove_request_headers(
+    r: &mut ngx_http_request_t,
+    doomed: impl Fn(&[u8], &[u8]) -> bool,
+) -> bool {
+    let list = &mut r.headers_in.headers;
+    let mut found = Vec::new();
+    let mut part: *mut ngx_list_part_t = &mut list.part;
+    while !part.is_null() {
+        // SAFETY: walks the parts of the request's header list.
+        let p = unsafe { &*part };
+        for i in 0..p.nelts {
+            // SAFETY: `i` < nelts.
+            let h = unsafe { &*(p.elts as *const ngx_table_elt_t).add(i) };
+            if doomed(str_bytes(&h.key), str_bytes(&h.value)) {
+                found.push((part, i));
+            }
+        }
+        part = p.next;
+    }
+    // Highest index first within a part, so earlier indices stay valid.
+    found.iter().rev().all(|&(part, i)| unlink_list_elt(list, part, i))
+}
+
+/// Unlinks element `i` of `part` from `list` without moving any element: nginx keeps typed
+/// pointers (`headers_in.host`, `cookie`, ...) into the list's memory, so elements must stay
+/// where they are. The part is shortened or split instead; when the last part changes,
+/// `nalloc` is lowered so that the next `ngx_list_push` allocates a fresh part rather than
+/// writing into memory that still holds live elements.
+fn unlink_list_elt(list: &mut nginx_sys::ngx_list_t, part: *mut ngx_list_part_t, i: usize) -> bool {
+    let first: *mut ngx_list_part_t = &mut list.part;
+    // SAFETY: `part` is a live part of `list` and `i` < its nelts.
+    let p = unsafe { &mut *part };
+    let was_last = list.last == part;
+    if p.nelts == 1 && part != first {
+        // Drop the whole part; find its predecessor.
+        let mut prev = first;
+        // SAFETY: walking the list's parts.
+        while unsafe { (*prev).next } != part {
+            prev = unsafe { (*prev).next };
+        }
+        // SAFETY: `prev` precedes `part`.
+        unsafe { (*prev).next = p.next };
+        if was_last {
+            list.last = prev;
+        }
+    } else if i == 0 {
+        p.elts = (p.elts as *mut u8).wrapping_add(list.size) as *mut c_void;
+        p.nelts -= 1;
+    } else if i == p.nelts - 1 {
+        p.nelts -= 1;
+    } else {
+        // SAFETY: allocates the new part from the request pool.
+        let n =
+            unsafe { ngx_palloc(list.pool, size_of::<ngx_list_part_t>()) } as *mut ngx_list_part_t;
+        if n.is_null() {
+            return false;
+        }
+        // SAFETY: `n` is a fresh allocation, fully initialised here.
+        unsafe {
+            (*n).elts = (p.elts as *mut u8).wrapping_add((i + 1) * list.size) as *mut c_void;
+            (*n).nelts = p.nelts - i - 1;
+            (*n).next = p.next;
+        }
+        p.nelts = i;
+        p.next = n;
+        if was_last {
+            list.last = n;
         }
     }
+    if list.last == part || was_last {
+        // SAFETY: `list.last` is a live part.
+        list.nalloc = unsafe { (*list.last).nelts }.max(1);
+    }
+    true
 }
 
 /// Rewrites every `Cookie` header with `rewrite(value)`: `None` keeps the header, `Some(v)`
@@ -175,14 +243,14 @@ pub fn rewrite_cookie_headers(
             continue;
         }
         let Some(new) = rewrite(str_bytes(&h.value)) else { continue };
-        if new.is_empty() {
-            h.hash = 0;
-            continue;
-        }
         let Some(value) = pool_str(r, &new) else { return false };
         h.value = value;
     }
-    true
+    // A `Cookie` header left empty is removed (its element keeps the empty value for the
+    // typed pointers nginx holds).
+    remove_request_headers(r, |name, value| {
+        value.is_empty() && name.eq_ignore_ascii_case(b"cookie")
+    })
 }
 
 pub const LOCATION: HeaderName = HeaderName::new("Location", "location");
@@ -193,7 +261,8 @@ pub const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "ww
 /// Sets `Location` (the caller then answers with a 3xx status).
 pub fn set_location(r: &mut ngx_http_request_t, url: &str) -> bool {
     let list = &mut r.headers_out.headers as *mut _;
-    let Some(elt) = push_header(r, list, LOCATION.name.as_bytes(), Some(LOCATION.lowercase), url.as_bytes())
+    let Some(elt) =
+        push_header(r, list, LOCATION.name.as_bytes(), Some(LOCATION.lowercase), url.as_bytes())
     else {
         return false;
     };
@@ -259,8 +328,8 @@ pub fn scheme(r: &ngx_http_request_t) -> &'static str {
 /// otherwise the server name nginx selected.
 pub fn host(r: &ngx_http_request_t) -> String {
     if let Some(h) = request_header(r, b"host") {
-        let ok = !h.is_empty()
-            && h.iter().all(|c| c.is_ascii_alphanumeric() || b".-:[]_".contains(c));
+        let ok =
+            !h.is_empty() && h.iter().all(|c| c.is_ascii_alphanumeric() || b".-:[]_".contains(c));
         if ok {
             return String::from_utf8_lossy(h).to_ascii_lowercase();
         }

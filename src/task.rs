@@ -38,8 +38,8 @@ pub enum Work {
 pub enum Outcome {
     Discovery(Result<Arc<Discovery>, ProviderError>),
     Login(Result<SessionRecord, LoginError>),
-    /// The work panicked (a bug); the panic was contained in the thread.
-    Panicked,
+    /// The work panicked (a bug); the panic was contained in the thread. Its message.
+    Panicked(String),
 }
 
 /// Owned by the request (freed by a pool cleanup); the thread fills `outcome`.
@@ -146,7 +146,14 @@ unsafe extern "C" fn run_task(ctx: *mut c_void, _log: *mut ngx_log_t) {
     // SAFETY: `ctx` holds the TaskData pointer written in `post`; only this thread touches it
     // until the completion event.
     let data = unsafe { &mut **(ctx as *mut *mut TaskData) };
-    let outcome = catch_unwind(AssertUnwindSafe(|| data.run())).unwrap_or(Outcome::Panicked);
+    let outcome = catch_unwind(AssertUnwindSafe(|| data.run())).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Outcome::Panicked(msg)
+    });
     data.outcome = Some(outcome);
 }
 
@@ -160,6 +167,9 @@ unsafe extern "C" fn task_done(ev: *mut ngx_event_t) {
         let main = &mut *r.main;
         main.set_blocked(main.blocked() - 1);
         r.set_aio(0);
+    }
+    if let Some(ctx) = crate::handler::ctx_get(r) {
+        ctx.task_finished = true;
     }
     if let Some(handler) = r.write_event_handler {
         // SAFETY: during the phases the write handler is ngx_http_core_run_phases.

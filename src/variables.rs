@@ -38,7 +38,8 @@ pub fn register(cf: &mut ngx_conf_t) -> Status {
     Status::NGX_OK
 }
 
-type GetHandler = unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_variable_value_t, usize) -> ngx_int_t;
+type GetHandler =
+    unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_variable_value_t, usize) -> ngx_int_t;
 
 fn add(cf: &mut ngx_conf_t, name: &'static str, flags: u32, get: GetHandler, data: usize) -> bool {
     let mut name = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };

@@ -212,12 +212,7 @@ impl SessionZone {
         // SAFETY: shm_zone is valid for the cycle.
         let shm = unsafe { &mut *shm_zone };
         if !shm.data.is_null() {
-            ngx::ngx_conf_log_error!(
-                NGX_LOG_EMERG,
-                cf,
-                "duplicate zone \"{}\"",
-                zone.name
-            );
+            ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "duplicate zone \"{}\"", zone.name);
             return Err(ConfError);
         }
         shm.init = Some(init_zone);
@@ -341,10 +336,15 @@ impl SessionZone {
         doomed.len()
     }
 
-    /// Number of live (possibly expired but not yet collected) sessions.
-    pub fn session_count(&self) -> usize {
+    /// Live (possibly expired, not yet collected) sessions, free and total slab pages.
+    #[cfg(feature = "bench")]
+    pub fn stats(&self) -> (usize, usize, usize) {
         let lock = self.lock();
-        self.header(&lock).session_count
+        let sessions = self.header(&lock).session_count;
+        // SAFETY: the slab pool's counters are read under its mutex.
+        let pool = unsafe { &*self.shpool };
+        let total = (pool.end as usize - pool.start as usize) / 4096;
+        (sessions, pool.pfree, total)
     }
 
     fn delete_session(&self, h: &mut ZoneHeader, entry: *mut Entry) {

@@ -738,7 +738,9 @@ class Browser:
         (normally the upstream's echo of the original URL)."""
         r = self.start_login(url, **kw)
         if is_login_form(r):
+            first = self.hops
             r = self.submit_login(r, user, password, **kw)
+            self.hops = first + self.hops  # every hop of the login
         return r
 
     def submit_form(self, page: requests.Response, form_id: str | None = None, extra: dict | None = None,

@@ -1,0 +1,1099 @@
+#!/usr/bin/env python3
+"""`make bench`: nginx-authentik side by side with the designs users run today, and at scale.
+
+Set-ups (all on 127.0.0.1, one run, the same upstream):
+  1 baseline    nginx proxy_pass to the upstream, no authentication
+  2 authentik   the same with `auth_authentik` and a session from a real login (this module)
+  3 auth_request nginx auth_request to a zero-work auth responder answering 200 + the six
+                identity headers, auth_request_set / proxy_set_header as in authentik's docs
+  4 apache      Apache httpd (mpm_event) + mod_auth_openidc, shm cache, a real session
+The upstream is a separate nginx answering `return 200 "ok"` (1 worker); the auth responder of
+set-up 3 is another separate nginx (1 worker).
+
+Usage: bench.py [--smoke] [--out FILE.md]   (BENCH_SMOKE=1 is the same as --smoke)
+See bench/README.md for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import http.client
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO / "t"))
+sys.path.insert(0, str(BENCH))
+
+import requests  # noqa: E402
+
+import harness  # noqa: E402
+from harness import Browser, Provider, callback_url, session_cookie_name  # noqa: E402
+from procs import (ApacheProc, NginxProc, cpu_of, machine_busy, set_affinity, wrk,  # noqa: E402
+                   wrk_script)
+
+MODULE = REPO / "build" / "ngx_http_authentik_module.so"
+BENCH_MODULE = REPO / "build" / "bench" / "ngx_http_authentik_module.so"
+
+FRONT_CPU = {1}  # per-core runs: the front server alone on CPU 1 ...
+OTHER_CPU = {0}  # ... wrk, the upstream and the auth responder on CPU 0
+SETUPS = ["baseline", "authentik", "auth_request", "apache"]
+LABEL = {
+    "baseline": "1 nginx proxy_pass, no auth",
+    "authentik": "2 nginx + auth_authentik (this module)",
+    "auth_request": "3 nginx auth_request -> zero-work responder",
+    "apache": "4 Apache httpd + mod_auth_openidc (shm)",
+}
+SHORT = {"baseline": "1", "authentik": "2", "auth_request": "3", "apache": "4"}
+
+IDENTITY = {  # what the zero-work auth responder of set-up 3 answers (alice's values)
+    "X-authentik-username": "alice",
+    "X-authentik-groups": "admins|users",
+    "X-authentik-entitlements": "app-read|app-write",
+    "X-authentik-email": "alice@example.test",
+    "X-authentik-name": "Alice Liddell",
+    "X-authentik-uid": harness.sub_for("alice"),
+}
+
+PROXY = 'proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";'
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Params:
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+        self.conns = 32
+        self.threads = 1
+        self.duration = 1 if smoke else 8
+        self.warmup = 1 if smoke else 2
+        self.reps = 1 if smoke else 3
+        self.paced_duration = 2 if smoke else 15
+        self.paced_delay_ms = 4
+        self.callgrind_n = 100 if smoke else 2000
+        self.scale_sizes = [1000] if smoke else [1000, 100_000, 1_000_000]
+        self.fill_batch = 50_000
+        self.scale_duration = 1 if smoke else 8
+        self.login_seconds = 3 if smoke else 20
+        self.login_clients = 2 if smoke else 4
+        self.apache = (not smoke) or os.environ.get("BENCH_SMOKE_APACHE") == "1"
+
+
+# --- configuration snippets ----------------------------------------------------------------------
+def upstream_http() -> str:
+    # /echo shows what the upstream received (used once per set-up to verify identity headers)
+    return """
+server {
+    listen 127.0.0.1:@PORT@;
+    underscores_in_headers on;
+    location / { return 200 "ok"; }
+    location = /echo {
+        return 200 "username=$http_x_authentik_username\\ngroups=$http_x_authentik_groups\\njwt=$http_x_authentik_jwt\\noidc_username=$http_oidc_claim_preferred_username\\ncookie=$http_cookie\\n";
+    }
+}
+"""
+
+
+def responder_http() -> str:
+    adds = "\n".join(f'        add_header {k} "{v}";' for k, v in IDENTITY.items())
+    return f"""
+server {{
+    listen 127.0.0.1:@PORT@;
+    location / {{
+{adds}
+        return 200;
+    }}
+}}
+"""
+
+
+def app_upstream(up_port: int) -> str:
+    return f"upstream app {{ server 127.0.0.1:{up_port}; keepalive 32; }}\n"
+
+
+def baseline_http(up_port: int) -> str:
+    return app_upstream(up_port) + f"""
+server {{
+    listen 127.0.0.1:@PORT@;
+    location / {{ {PROXY} }}
+}}
+"""
+
+
+def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m") -> str:
+    block = harness.provider_block("main", provider.issuer, client, origin, "proxy")
+    return app_upstream(up_port) + f"""
+authentik_session_zone zone=authentik:{zone};
+{block}
+server {{
+    listen 127.0.0.1:@PORT@;
+    location / {{
+        auth_authentik main;
+        {PROXY}
+    }}
+}}
+"""
+
+
+def auth_request_http(up_port: int, responder_port: int) -> str:
+    # authentik's documented nginx (standalone) configuration, with the outpost replaced by the
+    # zero-work responder; keepalive to it as the docs' `upstream authentik { keepalive 10; }`.
+    sets = "\n".join(
+        f"        auth_request_set $authentik_{k[12:].lower()} $upstream_http_{k.lower().replace('-', '_')};"
+        for k in IDENTITY)
+    hdrs = "\n".join(f"        proxy_set_header {k} $authentik_{k[12:].lower()};" for k in IDENTITY)
+    return app_upstream(up_port) + f"""
+upstream authentik {{ server 127.0.0.1:{responder_port}; keepalive 10; }}
+server {{
+    listen 127.0.0.1:@PORT@;
+    proxy_buffers 8 16k;
+    proxy_buffer_size 32k;
+    location / {{
+        {PROXY}
+        auth_request /outpost.goauthentik.io/auth/nginx;
+        error_page 401 = @goauthentik_proxy_signin;
+        auth_request_set $auth_cookie $upstream_http_set_cookie;
+        add_header Set-Cookie $auth_cookie;
+{sets}
+{hdrs}
+    }}
+    location /outpost.goauthentik.io {{
+        proxy_pass http://authentik/outpost.goauthentik.io;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+        add_header Set-Cookie $auth_cookie;
+        auth_request_set $auth_cookie $upstream_http_set_cookie;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+    }}
+    location @goauthentik_proxy_signin {{
+        internal;
+        add_header Set-Cookie $auth_cookie;
+        return 302 /outpost.goauthentik.io/start?rd=$request_uri;
+    }}
+}}
+"""
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+def machine_facts() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nginx_v = subprocess.run(["/usr/sbin/nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    apache_v = ""
+    if shutil.which("apache2"):
+        out = subprocess.run(["apache2", "-v"], capture_output=True, text=True,
+                             env={**os.environ, "APACHE_LOG_DIR": "/tmp"}).stdout
+        m = re.search(r"Server version: (\S+)", out)
+        apache_v = m.group(1) if m else out.strip()[:60]
+    oidc_v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libapache2-mod-auth-openidc"],
+                            capture_output=True, text=True).stdout.strip()
+    wrk_v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "wrk"], capture_output=True, text=True).stdout
+    mem = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal"):
+            mem = int(line.split()[1]) // 1024
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src", "core"],
+                           capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_mib": mem,
+        "kernel": platform.release(),
+        "nginx": nginx_v,
+        "apache": apache_v,
+        "mod_auth_openidc": oidc_v,
+        "wrk": wrk_v.strip(),
+        "git": git + (" (src/core modified)" if dirty else ""),
+        "loadavg_start": open("/proc/loadavg").read().split()[:3],
+    }
+
+
+def check_upstream_sees(url: str, cookies: dict, want: dict) -> dict:
+    """GET <front>/echo; the upstream answers with the headers it got. Checks `want` (field ->
+    expected value, or True for non-empty) and returns the fields."""
+    r = requests.get(url, cookies=cookies, timeout=15, allow_redirects=False)
+    if r.status_code != 200:
+        raise RuntimeError(f"{url}: expected 200 from the upstream, got {r.status_code}: {r.text[:300]}")
+    fields = dict(line.split("=", 1) for line in r.text.splitlines() if "=" in line)
+    for k, v in want.items():
+        got = fields.get(k, "")
+        if (v is True and not got) or (v is not True and got != v):
+            raise RuntimeError(f"{url}: upstream got {k}={got!r}, expected {v!r}")
+    return fields
+
+
+def plain_ok(url: str, cookies: dict | None = None) -> None:
+    r = requests.get(url, cookies=cookies or {}, timeout=15, allow_redirects=False)
+    if r.status_code != 200 or r.text != "ok":
+        raise RuntimeError(f"{url}: expected 200 'ok', got {r.status_code}: {r.text[:300]}")
+
+
+def login_cookie(url: str, cookie_name: str, user: str = "alice", timeout: float = 15.0) -> str:
+    """A real login through the front server and the provider; returns the session cookie value."""
+    b = Browser(timeout=timeout)
+    try:
+        r = b.login(url, user)
+        if r.status_code != 200 or r.text != "ok":
+            raise RuntimeError(f"login via {url} ended with {r.status_code} {r.text[:200]!r}; hops: {b.hops}")
+        v = b.cookie(cookie_name)
+        if not v:
+            raise RuntimeError(f"login via {url}: no {cookie_name} cookie; cookies: {[c.name for c in b.cookies]}")
+        return v
+    finally:
+        b.close()
+
+
+def us(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x >= 10000:
+        return f"{x / 1000:.1f} ms"
+    return f"{x:.0f} µs"
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# --- the bench -----------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, p: Params, workdir: Path):
+        self.p = p
+        self.wd = workdir
+        self.res: dict = {"params": vars(p).copy(), "runs": [], "notes": [], "failed": []}
+        self.procs: list = []
+        self.script = wrk_script(workdir)
+
+    # processes
+    def track(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self):
+        for p in reversed(self.procs):
+            try:
+                p.stop()
+            except Exception:
+                pass
+
+    def start_common(self):
+        log("starting the OIDC provider, the upstream and the auth responder")
+        self.provider = self.track(Provider(self.wd / "provider"))
+        self.provider.start()
+        self.upstream = self.track(NginxProc("upstream", self.wd)).start(upstream_http())
+        self.responder = self.track(NginxProc("responder", self.wd)).start(responder_http())
+        plain_ok(self.upstream.origin + "/")
+        # fronts (ports are fixed at construction so the client's redirect URIs can name them)
+        self.front = {
+            "baseline": self.track(NginxProc("front-baseline", self.wd)),
+            "authentik": self.track(NginxProc("front-authentik", self.wd, MODULE)),
+            "auth_request": self.track(NginxProc("front-auth-request", self.wd)),
+        }
+        self.cg_front = self.track(NginxProc("callgrind-authentik", self.wd, MODULE))
+        self.cg_base = self.track(NginxProc("callgrind-baseline", self.wd))
+        self.scale_front = self.track(NginxProc("scale-authentik", self.wd, BENCH_MODULE))
+        origins = [self.front["authentik"].origin, self.cg_front.origin, self.scale_front.origin]
+        self.client = self.provider.new_client(origins, client_id="nginx-bench")
+        self.cookie_name = session_cookie_name(self.client["client_id"])
+        self.apache = None
+        self.apache_error = None
+        if self.p.apache:
+            if not (shutil.which("apache2") and (Path("/usr/lib/apache2/modules/mod_auth_openidc.so").exists())):
+                self.apache_error = "apache2 / libapache2-mod-auth-openidc not installed"
+            else:
+                self.apache = self.track(ApacheProc(self.wd))
+                self.apache_client = {
+                    "client_id": "apache-bench",
+                    "client_secret": os.urandom(32).hex(),
+                    "redirect_uris": [self.apache.redirect_uri],
+                    "post_logout_redirect_uris": [self.apache.origin + "/"],
+                    "token_endpoint_auth_method": "client_secret_basic",
+                    "id_token_signed_response_alg": "RS256",
+                    "grant_types": ["authorization_code"],
+                    "response_types": ["code"],
+                }
+                self.provider.add_clients(self.apache_client)
+        else:
+            self.apache_error = "skipped in smoke mode (BENCH_SMOKE_APACHE=1 to include it)"
+
+    def start_fronts(self, workers: int):
+        """(Re)starts every front with `workers` worker processes, logs in where needed and
+        checks what the upstream sees. Returns {setup: (url, headers)}."""
+        up, rp = self.upstream.port, self.responder.port
+        for f in self.front.values():
+            f.stop()
+        if self.apache:
+            self.apache.stop()
+        fa = self.front["authentik"]
+        self.front["baseline"].start(baseline_http(up), workers)
+        fa.start(authentik_http(up, self.provider, self.client, fa.origin), workers)
+        self.front["auth_request"].start(auth_request_http(up, rp), workers)
+        targets = {}
+        plain_ok(self.front["baseline"].origin + "/")
+        targets["baseline"] = (self.front["baseline"].origin + "/", {})
+
+        cookie = login_cookie(fa.origin + "/", self.cookie_name)
+        self.session_cookie = cookie
+        seen = check_upstream_sees(fa.origin + "/echo", {self.cookie_name: cookie},
+                                   {"username": "alice", "groups": "admins|users", "jwt": True})
+        if self.cookie_name in seen.get("cookie", ""):
+            raise RuntimeError("the session cookie reached the upstream")
+        self.res["access_token_len"] = len(seen["jwt"])
+        self.res["groups_value"] = seen["groups"]
+        plain_ok(fa.origin + "/", {self.cookie_name: cookie})
+        targets["authentik"] = (fa.origin + "/", {"Cookie": f"{self.cookie_name}={cookie}"})
+
+        fr = self.front["auth_request"]
+        check_upstream_sees(fr.origin + "/echo", {}, {"username": "alice", "groups": "admins|users"})
+        targets["auth_request"] = (fr.origin + "/", {})
+
+        if self.apache and not self.apache_error:
+            try:
+                self.apache.start(up, self.provider.issuer, self.apache_client, processes=workers)
+                ac = login_cookie(self.apache.origin + "/", "mod_auth_openidc_session")
+                check_upstream_sees(self.apache.origin + "/echo", {"mod_auth_openidc_session": ac},
+                                    {"oidc_username": "alice"})
+                plain_ok(self.apache.origin + "/", {"mod_auth_openidc_session": ac})
+                targets["apache"] = (self.apache.origin + "/", {"Cookie": f"mod_auth_openidc_session={ac}"})
+            except Exception as e:
+                self.apache_error = f"{e}"
+                log(f"Apache + mod_auth_openidc NOT measured: {e}")
+                self.apache.stop()
+        return targets
+
+    def front_pids(self, setup: str):
+        if setup == "apache":
+            return self.apache.pids()
+        return self.front[setup].pids()
+
+    def front_workers(self, setup: str):
+        if setup == "apache":
+            return self.apache.pids()  # every Apache process (the parent does no request work)
+        return self.front[setup].workers()
+
+    def helper_pids(self):
+        return self.upstream.pids() + self.responder.pids() + ([self.provider.proc.pid] if self.provider.proc else [])
+
+    def pin(self, percore: bool):
+        fronts = []
+        for s in self.front:
+            fronts += self.front[s].pids()
+        if self.apache and self.apache.proc:
+            fronts += self.apache.pids()
+        if percore:
+            set_affinity(fronts, FRONT_CPU)
+            set_affinity(self.helper_pids(), OTHER_CPU)
+        else:
+            set_affinity(fronts, None)
+            set_affinity(self.helper_pids(), None)
+
+    def measure(self, setup: str, url: str, headers: dict, duration: float, percore: bool, script=None,
+                conns=None, kind="max", workers=1, extra=None) -> dict:
+        workers_pids = self.front_workers(setup)
+        helpers = self.upstream.workers() + self.responder.workers()
+        b0, _ = machine_busy()
+        c0 = cpu_of(workers_pids)
+        h0 = cpu_of(helpers)
+        t0 = time.monotonic()
+        r = wrk(url, script or self.script, duration, conns or self.p.conns, self.p.threads, headers,
+                cpus=OTHER_CPU if percore else None)
+        wall = time.monotonic() - t0
+        c1 = cpu_of(workers_pids)
+        h1 = cpu_of(helpers)
+        b1, _ = machine_busy()
+        front_cpu = c1 - c0
+        r.update({
+            "setup": setup, "kind": kind, "workers": workers, "percore": percore,
+            "front_cpu_s": front_cpu,
+            "front_us_per_req": front_cpu / r["requests"] * 1e6 if r["requests"] else None,
+            "front_util": front_cpu / (r["duration_us"] / 1e6),
+            "helpers_us_per_req": (h1 - h0) / r["requests"] * 1e6 if r["requests"] else None,
+            "wrk_us_per_req": r["wrk_cpu"] / r["requests"] * 1e6 if r["requests"] else None,
+            # machine CPU not used by the processes of this run (other work on the machine), in cores
+            "foreign_cores": max(0.0, ((b1 - b0) - front_cpu - (h1 - h0) - r["wrk_cpu"]) / wall),
+        })
+        if extra:
+            r.update(extra)
+        self.res["runs"].append(r)
+        flag = f" ERRORS {r['errors']}" if r["errors"] else ""
+        log(f"  {SHORT[setup]} {setup:<12} w={workers} {kind:<5} {r['rps']:>9.0f} req/s  p50 {us(r['p50'])}  "
+            f"p99 {us(r['p99'])}  front {r['front_us_per_req']:.2f} µs/req ({r['front_util'] * 100:.0f}% busy)  "
+            f"other load {r['foreign_cores']:.2f} cores{flag}")
+        if r["errors"] and r["requests"] and r["errors"] > 0.001 * r["requests"]:
+            raise RuntimeError(f"{setup}: {r['errors']} errors in {r['requests']} requests")
+        return r
+
+    # --- 1. throughput, latency, CPU per request ---
+    def throughput(self):
+        for workers in (1, 2):
+            percore = workers == 1
+            log(f"throughput: front with {workers} worker(s){' pinned to CPU 1, load on CPU 0' if percore else ''}")
+            targets = self.start_fronts(workers)
+            self.pin(percore)
+            setups = [s for s in SETUPS if s in targets]
+            for s in setups:
+                url, hdr = targets[s]
+                wrk(url, self.script, self.p.warmup, self.p.conns, self.p.threads, hdr,
+                    cpus=OTHER_CPU if percore else None)
+            for rep in range(self.p.reps):
+                for s in setups:
+                    url, hdr = targets[s]
+                    self.measure(s, url, hdr, self.p.duration, percore, workers=workers,
+                                 extra={"rep": rep})
+            # the session must still be valid after the runs
+            plain_ok(targets["authentik"][0], {self.cookie_name: self.session_cookie})
+            if percore:
+                self.paced(targets)
+        for f in self.front.values():
+            f.stop()
+        if self.apache:
+            self.apache.stop()
+
+    def paced(self, targets):
+        """p50/p99 at a fixed moderate rate: half of the baseline's maximum (1 worker)."""
+        base = med([r["rps"] for r in self.res["runs"]
+                    if r["setup"] == "baseline" and r["kind"] == "max" and r["workers"] == 1])
+        rate = base / 2
+        delay = self.p.paced_delay_ms
+        # wrk paces each connection with a fixed pause before every request (wrk's Lua `delay`):
+        # rate ~= connections / (delay + latency). Calibrated once on the baseline, then the same
+        # connections and pause are used for every set-up.
+        conns = max(1, round(rate * delay / 1000))
+        script = wrk_script(self.wd, delay)
+        url, hdr = targets["baseline"]
+        cal = wrk(url, script, 2, conns, 1, hdr, cpus=OTHER_CPU)
+        if cal["rps"] > 0:
+            conns = max(1, round(conns * rate / cal["rps"]))
+        log(f"fixed rate: target {rate:.0f} req/s (half of baseline max {base:.0f}) -> wrk -c{conns} with a "
+            f"{delay} ms pause per request and connection")
+        self.res["paced"] = {"target_rps": rate, "conns": conns, "delay_ms": delay, "baseline_max": base}
+        for rep in range(1 if self.p.smoke else 2):
+            for s in SETUPS:
+                if s in targets:
+                    url, hdr = targets[s]
+                    self.measure(s, url, hdr, self.p.paced_duration, True, script=script, conns=conns,
+                                 kind="paced", workers=1, extra={"rep": rep})
+
+    # --- 2. callgrind ---
+    def callgrind(self):
+        n = self.p.callgrind_n
+        out = {}
+        for name, front in (("baseline", self.cg_base), ("authentik", self.cg_front)):
+            log(f"callgrind: {name}, {n} sequential keep-alive requests on one connection")
+            outfile = self.wd / f"callgrind.{name}.out"
+            conf = (baseline_http(self.upstream.port) if name == "baseline" else
+                    authentik_http(self.upstream.port, self.provider, self.client, front.origin))
+            front.start(conf, 1, master=False, timeout=90,
+                        wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
+                                 "--dump-instr=no", "--collect-jumps=no"])
+            try:
+                hdr = {}
+                if name == "authentik":
+                    cookie = login_cookie(front.origin + "/", self.cookie_name, timeout=120)
+                    hdr = {"Cookie": f"{self.cookie_name}={cookie}"}
+                conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=60)
+
+                def run(k):
+                    for _ in range(k):
+                        conn.request("GET", "/", headers=hdr)
+                        resp = conn.getresponse()
+                        body = resp.read()
+                        if resp.status != 200 or body != b"ok":
+                            raise RuntimeError(f"callgrind {name}: {resp.status} {body[:200]!r}")
+
+                run(50)
+                subprocess.run(["callgrind_control", "-z", str(front.proc.pid)], check=True, capture_output=True,
+                               timeout=60)
+                run(n)
+                subprocess.run(["callgrind_control", "-d", str(front.proc.pid)], check=True, capture_output=True,
+                               timeout=60)
+                conn.close()
+            finally:
+                front.stop()
+            dumps = sorted(self.wd.glob(f"callgrind.{name}.out.*"))
+            if not dumps:
+                raise RuntimeError(f"callgrind {name}: no dump written")
+            out[name] = analyse_callgrind(dumps[-1], n)
+            log(f"  {name}: {out[name]['total_per_req']:.0f} instructions/request")
+        a, b = out["authentik"], out["baseline"]
+        out["n"] = n
+        out["delta_per_req"] = a["total_per_req"] - b["total_per_req"]
+        self.res["callgrind"] = out
+        log(f"  module: access_handler inclusive {a.get('access_handler_per_req', 0):.0f} instr/request; "
+            f"total +{out['delta_per_req']:.0f} over baseline")
+
+    # --- 3. session store scale ---
+    def scale(self):
+        if not BENCH_MODULE.exists():
+            msg = f"{BENCH_MODULE.relative_to(REPO)} not built (make bench-module): session-store scale not measured"
+            if self.p.smoke:
+                self.res["notes"].append(msg)
+                log(msg)
+                return
+            raise RuntimeError(msg)
+        up = self.upstream.port
+        sf = self.scale_front
+
+        def fill(cookie, n):
+            r = requests.get(sf.origin + "/outpost.goauthentik.io/bench/fill", params={"n": n},
+                             cookies={self.cookie_name: cookie}, timeout=600)
+            if r.status_code != 200:
+                raise RuntimeError(f"bench fill: {r.status_code} {r.text[:200]}")
+            return {k: int(v) for k, v in (line.split() for line in r.text.splitlines() if line.strip())}
+
+        # calibration: bytes per session from free-page deltas
+        sf.start(authentik_http(up, self.provider, self.client, sf.origin, "256m"), 1)
+        cookie = login_cookie(sf.origin + "/", self.cookie_name)
+        s0 = fill(cookie, 0)
+        k = 5000
+        s1 = fill(cookie, k)
+        per = (s0["free_pages"] - s1["free_pages"]) * 4096 / k
+        sf.stop()
+        cal = {"record_bytes": s1["record_bytes"], "bytes_per_session": per, "calibration_sessions": k}
+        biggest = max(self.p.scale_sizes)
+        need = biggest * per * 1.02 + 64 * 2**20
+        zone_mib = int(math.ceil(need / 2**20 / 64) * 64)
+        cal["zone_mib"] = zone_mib
+        log(f"scale: real session record {s1['record_bytes']} bytes -> {per:.0f} bytes of zone per session; "
+            f"zone {zone_mib} MiB for {biggest} sessions")
+        self.res["scale"] = {"calibration": cal, "sizes": []}
+        sf.start(authentik_http(up, self.provider, self.client, sf.origin, f"{zone_mib}m"), 1, timeout=60)
+        set_affinity(sf.pids(), FRONT_CPU)
+        set_affinity(self.helper_pids(), OTHER_CPU)
+        try:
+            cookie = login_cookie(sf.origin + "/", self.cookie_name)
+            hdr = {"Cookie": f"{self.cookie_name}={cookie}"}
+            st = fill(cookie, 0)
+            evicted = 0
+            for size in self.p.scale_sizes:
+                t0 = time.monotonic()
+                while st["sessions"] < size:
+                    st = fill(cookie, min(self.p.fill_batch, size - st["sessions"]))
+                    evicted += st["evicted"]
+                    plain_ok(sf.origin + "/", {self.cookie_name: cookie})  # keep the real session fresh
+                fill_s = time.monotonic() - t0
+                if evicted:
+                    raise RuntimeError(f"scale: {evicted} sessions evicted while filling to {size}")
+                wrk(sf.origin + "/", self.script, self.p.warmup, self.p.conns, 1, hdr, cpus=OTHER_CPU)
+                runs = []
+                for rep in range(1 if self.p.smoke else 2):
+                    runs.append(self.scale_measure(hdr, size, rep))
+                used = (st["total_pages"] - st["free_pages"]) * 4096
+                row = {
+                    "sessions": st["sessions"], "fill_s": fill_s, "used_bytes": used,
+                    "rps": med([r["rps"] for r in runs]), "p50": med([r["p50"] for r in runs]),
+                    "p99": med([r["p99"] for r in runs]),
+                    "front_us_per_req": med([r["front_us_per_req"] for r in runs]),
+                    "foreign_cores": med([r["foreign_cores"] for r in runs]),
+                }
+                self.res["scale"]["sizes"].append(row)
+                log(f"  {st['sessions']:>8} sessions: {row['rps']:.0f} req/s p50 {us(row['p50'])} p99 "
+                    f"{us(row['p99'])} front {row['front_us_per_req']:.2f} µs/req; zone used "
+                    f"{used / 2**20:.0f} MiB (filled in {fill_s:.1f} s)")
+        finally:
+            sf.stop()
+
+    def scale_measure(self, hdr, size, rep):
+        sf = self.scale_front
+        b0, _ = machine_busy()
+        c0 = cpu_of(sf.workers())
+        t0 = time.monotonic()
+        r = wrk(sf.origin + "/", self.script, self.p.scale_duration, self.p.conns, 1, hdr, cpus=OTHER_CPU)
+        wall = time.monotonic() - t0
+        c1 = cpu_of(sf.workers())
+        b1, _ = machine_busy()
+        if r["errors"]:
+            raise RuntimeError(f"scale {size}: {r['errors']} errors (session lost?)")
+        r["front_us_per_req"] = (c1 - c0) / r["requests"] * 1e6
+        r["foreign_cores"] = max(0.0, ((b1 - b0) - (c1 - c0) - r["wrk_cpu"]) / wall - 0.0)
+        r.update({"setup": "scale", "sessions": size, "rep": rep, "kind": "scale", "workers": 1})
+        self.res["runs"].append(r)
+        return r
+
+    # --- 4. login cost ---
+    def logins(self):
+        f = self.front["authentik"]
+        f.start(authentik_http(self.upstream.port, self.provider, self.client, f.origin), 1)
+        set_affinity(f.pids() + self.helper_pids(), None)
+        try:
+            login_cookie(f.origin + "/", self.cookie_name)  # discovery fetched, warm
+            n = self.p.login_clients
+            log(f"login cost: {n} concurrent clients, fresh browser per login, {self.p.login_seconds} s")
+            ng0 = cpu_of(f.workers())
+            pv0 = cpu_of([self.provider.proc.pid])
+            t0 = time.monotonic()
+            with concurrent.futures.ProcessPoolExecutor(n) as ex:
+                futs = [ex.submit(login_loop, f.origin + "/", self.cookie_name, self.p.login_seconds)
+                        for _ in range(n)]
+                results = [x.result() for x in futs]
+            wall = time.monotonic() - t0
+            ng1 = cpu_of(f.workers())
+            pv1 = cpu_of([self.provider.proc.pid])
+            ok = sum(r[0] for r in results)
+            failed = sum(r[1] for r in results)
+            cli = sum(r[2] for r in results)
+            if ok == 0:
+                raise RuntimeError(f"login cost: no login succeeded: {[r[3] for r in results]}")
+            self.res["logins"] = {
+                "clients": n, "seconds": wall, "ok": ok, "failed": failed, "per_s": ok / wall,
+                "nginx_cpu_ms_per_login": (ng1 - ng0) / ok * 1000,
+                "provider_cpu_ms_per_login": (pv1 - pv0) / ok * 1000,
+                "client_cpu_ms_per_login": cli / ok * 1000,
+                "errors": [r[3] for r in results if r[3]][:3],
+            }
+            L = self.res["logins"]
+            log(f"  {ok} logins in {wall:.1f} s = {L['per_s']:.1f}/s ({failed} failed); CPU per login: nginx "
+                f"{L['nginx_cpu_ms_per_login']:.2f} ms, provider {L['provider_cpu_ms_per_login']:.2f} ms, "
+                f"clients {L['client_cpu_ms_per_login']:.2f} ms")
+        finally:
+            f.stop()
+
+
+def login_loop(url: str, cookie_name: str, seconds: float):
+    """One client process: full logins (start -> provider form -> callback -> upstream) with a
+    fresh browser each time, until `seconds` have passed. Returns (ok, failed, cpu_s, error)."""
+    import resource as _r
+    ok = failed = 0
+    err = ""
+    t_end = time.monotonic() + seconds
+    c0 = _r.getrusage(_r.RUSAGE_SELF)
+    while time.monotonic() < t_end:
+        try:
+            login_cookie(url, cookie_name)
+            ok += 1
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            err = str(e)[:300]
+    c1 = _r.getrusage(_r.RUSAGE_SELF)
+    return ok, failed, (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime), err
+
+
+# --- callgrind analysis ------------------------------------------------------------------------------
+LINE_RE = re.compile(r"^\s*([\d,]+)\s+(?:\([\d.]+%\)\s+)?(.*?)\s*$")
+
+
+def annotate(path: Path, inclusive: bool) -> tuple[int, list[tuple[int, str]]]:
+    cmd = ["callgrind_annotate", "--threshold=100", f"--inclusive={'yes' if inclusive else 'no'}", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    total = 0
+    rows = []
+    for line in out.splitlines():
+        m = LINE_RE.match(line)
+        if not m:
+            continue
+        ir = int(m.group(1).replace(",", ""))
+        what = m.group(2)
+        if what == "PROGRAM TOTALS":
+            total = ir
+        elif ":" in what:
+            rows.append((ir, what))
+    return total, rows
+
+
+def short_fn(what: str) -> str:
+    # "file:function [object]" -> "function (object basename)"
+    m = re.match(r"^(.*?):(.*?)(?: \[(.*)\])?$", what)
+    if not m:
+        return what
+    fn, obj = m.group(2), m.group(3) or ""
+    fn = re.sub(r"::h[0-9a-f]{16}$", "", fn)
+    return f"{fn} [{Path(obj).name}]" if obj else fn
+
+
+def analyse_callgrind(path: Path, n: int) -> dict:
+    total, incl = annotate(path, True)
+    _, excl = annotate(path, False)
+    mod = "ngx_http_authentik_module"
+    res = {"total": total, "total_per_req": total / n, "file": str(path)}
+    ah = [ir for ir, w in incl if "access_handler" in w and mod in w]
+    res["access_handler_per_req"] = (max(ah) / n) if ah else 0.0
+    # self cost inside the module's own object (Rust code, inlined core code), per request
+    res["module_self_per_req"] = sum(ir for ir, w in excl if w.endswith(f"{mod}.so]")) / n
+    top_mod = sorted(((ir, short_fn(w)) for ir, w in incl if w.endswith(f"{mod}.so]")), reverse=True)[:25]
+    res["module_top_inclusive"] = [(ir / n, w) for ir, w in top_mod]
+    res["top_exclusive"] = [(ir / n, short_fn(w)) for ir, w in sorted(excl, reverse=True)[:20]]
+    for name in ("malloc", "free", "realloc", "memcpy", "__memcpy_avx_unaligned_erms", "memmove"):
+        hits = [ir for ir, w in incl if re.search(rf":(?:__libc_)?{name}(?:@\S*)? \[", w)]
+        if hits:
+            res[f"incl_{name}_per_req"] = max(hits) / n
+    return res
+
+
+# --- report ----------------------------------------------------------------------------------------------
+def summarise(res: dict) -> dict:
+    s = {}
+    for workers in (1, 2):
+        for setup in SETUPS:
+            rs = [r for r in res["runs"] if r["setup"] == setup and r["kind"] == "max" and r["workers"] == workers]
+            if rs:
+                s[(setup, workers)] = {
+                    "rps": med([r["rps"] for r in rs]),
+                    "p50": med([r["p50"] for r in rs]),
+                    "p99": med([r["p99"] for r in rs]),
+                    "front_us": med([r["front_us_per_req"] for r in rs]),
+                    "util": med([r["front_util"] for r in rs]),
+                    "foreign": max(r["foreign_cores"] for r in rs),
+                    "rps_all": [round(r["rps"]) for r in rs],
+                    "front_us_all": [round(r["front_us_per_req"], 2) for r in rs],
+                }
+        for setup in SETUPS:
+            rs = [r for r in res["runs"] if r["setup"] == setup and r["kind"] == "paced"]
+            if rs:
+                s[(setup, "paced")] = {
+                    "rps": med([r["rps"] for r in rs]), "p50": med([r["p50"] for r in rs]),
+                    "p99": med([r["p99"] for r in rs]), "p999": med([r["p999"] for r in rs]),
+                    "p99_all": [round(r["p99"]) for r in rs],
+                    "front_us": med([r["front_us_per_req"] for r in rs]),
+                }
+    return s
+
+
+def typical_session(res: dict) -> dict | None:
+    """Extrapolates the zone bytes of a session with a typical authentik claim set (10 groups,
+    a 1 KB access token) from the measured real session (see bench/README.md)."""
+    sc = res.get("scale")
+    if not sc:
+        return None
+    cal = sc["calibration"]
+    real_groups = res.get("groups_value", "admins|users").split("|")
+    tok = res.get("access_token_len", 43)
+    typical_groups = [f"authentik-group-{i:02d}" for i in range(10)]  # 18-character names
+    # groups appear twice in the record: the X-authentik-groups value ("a|b|...") and the claims
+    # JSON (["a","b",...]); the access token once (the X-authentik-jwt value).
+    d_header = len("|".join(typical_groups)) - len("|".join(real_groups))
+    d_json = len(json.dumps(typical_groups, separators=(",", ":"))) - len(json.dumps(real_groups, separators=(",", ":")))
+    d_token = 1024 - tok
+    record = cal["record_bytes"] + d_header + d_json + d_token
+    entry_header = 160  # zone.rs `Entry`: 2 rbtree nodes (2 x 48) + queue 16 + id 32 + expires 8 + len 4, padded
+    alloc = entry_header + record
+    if alloc <= 2048:  # ngx_slab: power-of-two slots up to half a page
+        slot = 1 << (alloc - 1).bit_length()
+        per = slot
+    else:  # larger: whole 4 KiB pages
+        per = math.ceil(alloc / 4096) * 4096
+    per += 24 * per / 4096  # ngx_slab_page_t per page
+    return {"record_bytes": record, "alloc_bytes": alloc, "bytes_per_session": per,
+            "zone_1m_gib": per * 1_000_000 / 2**30, "groups": typical_groups, "d_header": d_header,
+            "d_json": d_json, "d_token": d_token, "real_token_len": tok, "real_groups": real_groups,
+            "real_alloc_bytes": entry_header + cal["record_bytes"]}
+
+
+def render(res: dict) -> str:
+    f = res["facts"]
+    p = res["params"]
+    s = summarise(res)
+    L = []
+    L.append("# nginx-authentik benchmark results" + (" (SMOKE RUN: tiny durations, not figures)" if p["smoke"] else ""))
+    L.append("")
+    L.append(f"- Date: {f['date']}; commit {f['git']}")
+    L.append(f"- Machine: {f['nproc']} CPUs ({f['cpu']}), {f['mem_mib']} MiB RAM, Linux {f['kernel']}; "
+             f"load average at start {' '.join(f['loadavg_start'])}, at end {' '.join(f.get('loadavg_end', []))}")
+    L.append(f"- Servers: {f['nginx']} (Debian), Apache {f['apache'] or 'n/a'} + mod_auth_openidc "
+             f"{f['mod_auth_openidc'] or 'n/a'}; wrk {f['wrk']}")
+    L.append(f"- Load: `wrk -t{p['threads']} -c{p['conns']} -d{p['duration']}s --latency`, {p['reps']} runs per "
+             f"set-up interleaved (medians shown); keep-alive everywhere (client, upstream).")
+    L.append("- 1 worker (per core): the front server (nginx worker, or Apache: 1 mpm_event process x 64 threads) "
+             "pinned to CPU 1; wrk, the upstream nginx and the auth responder pinned to CPU 0. "
+             "2 workers (whole machine): nothing pinned, Apache 2 processes.")
+    L.append("- Command: `make bench` (bench/run.sh). Raw data: bench/results/latest.json.")
+    L.append("")
+
+    def row(setup, w):
+        x = s.get((setup, w))
+        if not x:
+            return f"| {LABEL[setup]} | not measured | | | | |"
+        cpu = f"{x['front_us']:.2f}" if w == 1 and x["front_us"] is not None else "-"
+        return (f"| {LABEL[setup]} | {x['rps']:,.0f} | {us(x['p50'])} | {us(x['p99'])} | {cpu} | "
+                f"{x['util'] * 100:.0f}% |")
+
+    for w in (1, 2):
+        L.append(f"## Throughput and latency, {w} front worker{'s' if w > 1 else ''} "
+                 f"({'per core' if w == 1 else 'whole machine'}), saturated")
+        L.append("")
+        L.append("| set-up | req/s | p50 | p99 | front CPU µs/req | front CPU busy |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for setup in SETUPS:
+            L.append(row(setup, w))
+        L.append("")
+        rat = []
+        two = s.get(("authentik", w))
+        for other in ("baseline", "auth_request", "apache"):
+            o = s.get((other, w))
+            if two and o:
+                rat.append(f"2/{SHORT[other]} = **{two['rps'] / o['rps']:.2f}**")
+            else:
+                rat.append(f"2/{SHORT[other]} = not measured")
+        L.append("Ratios (req/s): " + ", ".join(rat))
+        L.append("")
+    if res.get("apache_error"):
+        L.append(f"Set-up 4 (Apache + mod_auth_openidc): **not measured**: {res['apache_error']}")
+        L.append("")
+
+    b1, a1 = s.get(("baseline", 1)), s.get(("authentik", 1))
+    L.append("## CPU per request of the front nginx (1 worker)")
+    L.append("")
+    L.append("utime+stime of the worker process (/proc/PID/stat) over each fixed run, divided by the "
+             "requests of that run (includes the kernel's work for both sockets).")
+    L.append("")
+    if b1 and a1:
+        L.append(f"- set-up 1: {b1['front_us']:.2f} µs/req (runs: {b1['front_us_all']})")
+        L.append(f"- set-up 2: {a1['front_us']:.2f} µs/req (runs: {a1['front_us_all']})")
+        L.append(f"- difference: **{a1['front_us'] - b1['front_us']:+.2f} µs/req**")
+        a3 = s.get(("auth_request", 1))
+        if a3:
+            L.append(f"- set-up 3 for comparison: {a3['front_us']:.2f} µs/req "
+                     f"({a3['front_us'] - b1['front_us']:+.2f} over set-up 1, front only; the responder's own CPU is extra)")
+    L.append("")
+    cg = res.get("callgrind")
+    if cg:
+        a, b = cg["authentik"], cg["baseline"]
+        L.append(f"## Instructions per request (callgrind, 1 nginx process, {cg['n']} sequential keep-alive requests)")
+        L.append("")
+        L.append("User-space instructions only (valgrind does not see the kernel).")
+        L.append("")
+        L.append("| | instructions/request |")
+        L.append("|---|---:|")
+        L.append(f"| set-up 1 (no module) total | {b['total_per_req']:,.0f} |")
+        L.append(f"| set-up 2 total | {a['total_per_req']:,.0f} |")
+        L.append(f"| difference | {cg['delta_per_req']:+,.0f} ({cg['delta_per_req'] / b['total_per_req'] * 100:+.1f}%) |")
+        L.append(f"| module access handler, inclusive (everything it calls) | {a['access_handler_per_req']:,.0f} "
+                 f"({a['access_handler_per_req'] / a['total_per_req'] * 100:.1f}% of set-up 2) |")
+        L.append(f"| instructions executed in the module's own code (self) | {a['module_self_per_req']:,.0f} |")
+        for name in ("malloc", "free", "realloc"):
+            if f"incl_{name}_per_req" in a:
+                L.append(f"| {name}() inclusive, set-up 2 / set-up 1 | {a[f'incl_{name}_per_req']:,.0f} / "
+                         f"{b.get(f'incl_{name}_per_req', 0):,.0f} |")
+        L.append("")
+        L.append("Module functions by inclusive instructions per request (set-up 2):")
+        L.append("")
+        L.append("| instr/req | function |")
+        L.append("|---:|---|")
+        for ir, w in a["module_top_inclusive"][:15]:
+            L.append(f"| {ir:,.0f} | `{w}` |")
+        L.append("")
+
+    pc = res.get("paced")
+    if pc:
+        L.append(f"## Latency at a fixed moderate rate (1 worker): {pc['target_rps']:,.0f} req/s target "
+                 f"= half the baseline maximum")
+        L.append("")
+        L.append(f"wrk with a fixed {pc['delay_ms']} ms pause before each request on each of {pc['conns']} "
+                 f"connections (wrk's Lua `delay`); latency is measured from the write of each request. "
+                 f"(`hey -q` was not used: it reports latencies rounded to 0.1 ms.)")
+        L.append("")
+        L.append("| set-up | achieved req/s | p50 | p99 | p99.9 | p99 added over set-up 1 |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        bp = s.get(("baseline", "paced"))
+        for setup in SETUPS:
+            x = s.get((setup, "paced"))
+            if not x:
+                L.append(f"| {LABEL[setup]} | not measured | | | | |")
+                continue
+            add = f"{x['p99'] - bp['p99']:+.0f} µs" if bp else "-"
+            L.append(f"| {LABEL[setup]} | {x['rps']:,.0f} | {us(x['p50'])} | {us(x['p99'])} | {us(x['p999'])} | {add} |")
+        L.append("")
+
+    sc = res.get("scale")
+    if sc:
+        cal = sc["calibration"]
+        L.append("## Session store scale (BENCH-ONLY fill endpoint, `--features bench` build)")
+        L.append("")
+        L.append(f"A real session from a login, copied N-1 times under fresh ids by "
+                 f"`/outpost.goauthentik.io/bench/fill` (bench build only); then wrk with the real session "
+                 f"(1 worker, pinned as above). Zone `{cal['zone_mib']}m`; nothing was evicted.")
+        L.append("")
+        L.append("| live sessions | req/s | p50 | p99 | front CPU µs/req | zone pages used |")
+        L.append("|---:|---:|---:|---:|---:|---:|")
+        for r in sc["sizes"]:
+            L.append(f"| {r['sessions']:,} | {r['rps']:,.0f} | {us(r['p50'])} | {us(r['p99'])} | "
+                     f"{r['front_us_per_req']:.2f} | {r['used_bytes'] / 2**20:,.0f} MiB |")
+        L.append("")
+        L.append(f"- Real session (alice: 2 groups, {res.get('access_token_len')}-byte opaque access token): "
+                 f"record {cal['record_bytes']} bytes; measured {cal['bytes_per_session']:,.0f} bytes of zone per "
+                 f"session (free-page delta over {cal['calibration_sessions']} inserts).")
+        t = typical_session(res)
+        if t:
+            res["typical_session"] = t
+            L.append(f"- Typical authentik session (10 groups of 18 characters, 1 KB access token), extrapolated: "
+                     f"record {t['record_bytes']} bytes (+{t['d_header']} groups header, +{t['d_json']} groups in "
+                     f"the claims JSON, +{t['d_token']} access token), entry {t['alloc_bytes']} bytes -> "
+                     f"**{t['bytes_per_session']:,.0f} bytes of zone per session** (slab rounding), "
+                     f"**1M sessions need a {t['zone_1m_gib']:.2f} GiB zone**.")
+        L.append("")
+
+    lg = res.get("logins")
+    if lg:
+        L.append("## Login cost")
+        L.append("")
+        L.append(f"{lg['clients']} client processes, each looping full logins with a fresh browser (GET / -> 302 "
+                 f"-> provider authorize -> login form -> POST -> callback on nginx -> token + userinfo on the "
+                 f"module's thread pool -> session -> GET / 200), provider local, {lg['seconds']:.0f} s.")
+        L.append("")
+        L.append(f"- **{lg['per_s']:.1f} logins/s** ({lg['ok']} ok, {lg['failed']} failed)")
+        L.append(f"- CPU per login: front nginx {lg['nginx_cpu_ms_per_login']:.2f} ms (both nginx requests of "
+                 f"the login plus the final GET, thread pool included), provider (node) "
+                 f"{lg['provider_cpu_ms_per_login']:.2f} ms, Python clients {lg['client_cpu_ms_per_login']:.2f} ms: "
+                 f"logins/s is bounded by the provider and the client, not by nginx.")
+        L.append("")
+
+    L.append("## Targets")
+    L.append("")
+    for line in targets(res, s):
+        L.append(f"- {line}")
+    L.append("")
+    L.append("## Noise")
+    L.append("")
+    fo = [r["foreign_cores"] for r in res["runs"]]
+    if fo:
+        L.append(f"Other work on the machine during the runs (machine busy time not spent by the processes of the "
+                 f"run), in cores: median {statistics.median(fo):.2f}, max {max(fo):.2f}. Runs per set-up "
+                 f"(req/s, 1 worker): " + "; ".join(
+                     f"{SHORT[k[0]]}: {v['rps_all']}" for k, v in s.items() if k[1] == 1))
+    for n in res["notes"]:
+        L.append(f"- {n}")
+    L.append("")
+    return "\n".join(L)
+
+
+def targets(res, s) -> list[str]:
+    out = []
+    verdict = res.setdefault("targets", {})
+
+    def mark(key, ok, text):
+        verdict[key] = ok
+        out.append(("**MET** " if ok else "**MISSED** ") + text if ok is not None else "not measured: " + text)
+
+    b, a = s.get(("baseline", 1)), s.get(("authentik", 1))
+    if b and a:
+        r = a["rps"] / b["rps"]
+        mark("ratio_2_1", r >= 0.95, f"2/1 >= 0.95 (module under 5% of a bare proxy): 2/1 = {r:.2f}")
+    t3, t4 = s.get(("auth_request", 1)), s.get(("apache", 1))
+    if a and t3:
+        out.append(f"2/3 = {a['rps'] / t3['rps']:.2f} (expected near 1.5 if 2/1 >= 0.95)")
+    if a and t4:
+        out.append(f"2/4 = {a['rps'] / t4['rps']:.2f} (expected near 4)")
+    elif a:
+        out.append("2/4 not measured")
+    if b and a:
+        d = a["front_us"] - b["front_us"]
+        mark("cpu_delta", d <= 1.5, f"front CPU per authenticated request at most 1.5 µs above set-up 1: {d:+.2f} µs "
+             f"({b['front_us']:.2f} -> {a['front_us']:.2f})")
+    cg = res.get("callgrind")
+    if cg:
+        out.append(f"module share by instruction counts: access handler {cg['authentik']['access_handler_per_req']:,.0f} "
+                   f"instructions/request inclusive, {cg['authentik']['access_handler_per_req'] / cg['authentik']['total_per_req'] * 100:.1f}% "
+                   f"of the user-space instructions of an authenticated request")
+    bp, ap = s.get(("baseline", "paced")), s.get(("authentik", "paced"))
+    if bp and ap:
+        d = ap["p99"] - bp["p99"]
+        mark("p99_added", d < 100, f"p99 added latency under 100 µs at {res['paced']['target_rps']:,.0f} req/s: "
+             f"{d:+.0f} µs (p99 {us(bp['p99'])} -> {us(ap['p99'])})")
+    sc = res.get("scale")
+    if sc and len(sc["sizes"]) >= 2:
+        lo, hi = sc["sizes"][0], sc["sizes"][-1]
+        dr = hi["rps"] / lo["rps"]
+        dc = hi["front_us_per_req"] - lo["front_us_per_req"]
+        flat = dr >= 0.90 and dc <= 0.10 * lo["front_us_per_req"]
+        mark("flat_lookup", flat, f"flat lookup cost from {lo['sessions']:,} to {hi['sessions']:,} sessions "
+             f"(req/s within 10% and front CPU/request within 10%): req/s x{dr:.2f}, CPU {dc:+.2f} µs/req")
+    t = typical_session(res)
+    if t:
+        mark("zone_1m", t["zone_1m_gib"] <= 2.0, f"1M typical sessions fit in at most 2 GiB: "
+             f"{t['zone_1m_gib']:.2f} GiB ({t['bytes_per_session']:,.0f} bytes/session, extrapolated; "
+             f"measured real session: {sc['calibration']['bytes_per_session']:,.0f} bytes)")
+    return out
+
+
+# --- main ----------------------------------------------------------------------------------------------
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", default=os.environ.get("BENCH_SMOKE") == "1")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    p = Params(args.smoke)
+    out_md = Path(args.out) if args.out else (
+        REPO / "build" / "bench-smoke" / "results.md" if p.smoke else BENCH / "results" / "latest.md")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    harness.install_test_resolver()
+    for f in (MODULE,):
+        if not f.exists():
+            sys.exit(f"bench: {f} missing: run `make module`")
+    workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-bench-"))
+    bench = Bench(p, workdir)
+    bench.res["facts"] = machine_facts()
+    log(f"{'SMOKE ' if p.smoke else ''}run, work dir {workdir}")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    ok = False
+    try:
+        bench.start_common()
+        bench.throughput()
+        bench.res["apache_error"] = bench.apache_error
+        bench.callgrind()
+        bench.scale()
+        bench.logins()
+        ok = True
+    except KeyboardInterrupt:
+        log("interrupted")
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        bench.res["failed"].append(str(e))
+        log(f"FAILED: {e}")
+    finally:
+        bench.stop_all()
+    bench.res["apache_error"] = bench.apache_error
+    bench.res["facts"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    bench.res["elapsed_s"] = time.monotonic() - t0
+    md = render(bench.res)
+    if bench.res["failed"]:
+        md += "\n**THE RUN FAILED**: " + "; ".join(bench.res["failed"]) + "\n"
+    out_md.write_text(md)
+    out_md.with_suffix(".json").write_text(json.dumps(bench.res, indent=1, default=str))
+    print()
+    print(md)
+    log(f"done in {bench.res['elapsed_s']:.0f} s; results in {out_md}")
+    if not ok:
+        log(f"work dir kept for inspection: {workdir}")
+        sys.exit(1)
+    if bench.apache_error and not p.smoke:
+        log("set-up 4 (Apache) was not measured")
+        sys.exit(3)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
