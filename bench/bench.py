@@ -822,7 +822,7 @@ def render(res: dict) -> str:
              f"{f['mod_auth_openidc'] or 'n/a'}; wrk {f['wrk']}")
     L.append(f"- Load: `wrk -t{p['threads']} -c{p['conns']} -d{p['duration']}s --latency`, {p['reps']} runs per "
              f"set-up interleaved (medians shown); keep-alive everywhere (client, upstream).")
-    L.append("- 1 worker (per core): the front server (nginx worker, or Apache: 1 mpm_event process x 64 threads) "
+    L.append("- 1 worker (per core): the front server (nginx worker, or Apache: 1 mpm_event process x 128 threads) "
              "pinned to CPU 1; wrk, the upstream nginx and the auth responder pinned to CPU 0. "
              "2 workers (whole machine): nothing pinned, Apache 2 processes.")
     L.append("- Command: `make bench` (bench/run.sh). Raw data: bench/results/latest.json.")

@@ -183,7 +183,7 @@ class ApacheProc:
 
     def conf(self, upstream_port: int, issuer: str, client: dict, processes: int) -> str:
         r = self.root
-        mods = ["mpm_event", "unixd", "authn_core", "authz_core", "authz_user", "proxy", "proxy_http",
+        mods = ["mpm_event", "authn_core", "authz_core", "authz_user", "proxy", "proxy_http",
                 "auth_openidc"]
         load = "\n".join(f"LoadModule {m}_module {APACHE_MODULES}/mod_{m}.so" for m in mods)
         user = "User www-data\nGroup www-data" if os.geteuid() == 0 else ""
@@ -197,14 +197,14 @@ ErrorLog {r / 'logs' / 'error.log'}
 LogLevel warn
 {load}
 {user}
-# mpm_event: {processes} process(es) x 64 threads (one process per front worker of the nginx set-ups)
+# mpm_event: {processes} process(es) x 128 threads (one process per front worker of the nginx set-ups)
 StartServers {processes}
 ServerLimit {processes}
-ThreadsPerChild 64
-ThreadLimit 64
-MaxRequestWorkers {64 * processes}
+ThreadsPerChild 128
+ThreadLimit 128
+MaxRequestWorkers {128 * processes}
 MinSpareThreads 1
-MaxSpareThreads {64 * processes}
+MaxSpareThreads {128 * processes}
 MaxConnectionsPerChild 0
 KeepAlive On
 MaxKeepAliveRequests 0

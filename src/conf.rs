@@ -11,6 +11,7 @@ use authentik_core::config::{
     parse_cookie_domain, parse_http_url, Mode, ProviderSettings, DEFAULT_SCOPES,
 };
 use authentik_core::cookie::session_cookie_name;
+use authentik_core::oidc::login::LOGIN_TTL;
 use authentik_core::oidc::{MetadataCache, ProviderClient};
 use authentik_core::paths::UnauthPaths;
 use nginx_sys::{
@@ -41,7 +42,10 @@ pub struct ConfError;
 #[derive(Default)]
 pub struct MainConf {
     /// Boxed so that `shm_zone->data` can point at them for the cycle's lifetime.
+    #[allow(clippy::vec_box)]
     pub zones: Vec<Box<SessionZone>>,
+    /// Boxed so that location configurations can point at them.
+    #[allow(clippy::vec_box)]
     pub providers: Vec<Box<Provider>>,
     /// nginx's `default` thread pool, used for every call to a provider.
     pub thread_pool: *mut ngx_thread_pool_t,
@@ -56,6 +60,8 @@ pub struct Provider {
     /// Metadata cache and HTTP client, shared with the thread-pool threads.
     pub cache: Arc<MetadataCache>,
     pub client: ProviderClient,
+    /// How long a started login may take before its callback is refused, seconds.
+    pub login_timeout: i64,
     /// The session zone; set by `init_main_conf`.
     pub zone: *const SessionZone,
     zone_name: Option<String>,
@@ -217,6 +223,7 @@ struct ProviderBlock {
     unauth: Option<UnauthPaths>,
     session_zone: Option<String>,
     timeout_ms: Option<u64>,
+    login_timeout: Option<i64>,
     ca_file: Option<PathBuf>,
     post_logout_redirect: Option<Url>,
 }
@@ -307,6 +314,7 @@ fn build_provider(
         unauth,
         cache: Arc::new(MetadataCache::default()),
         client,
+        login_timeout: block.login_timeout.unwrap_or(LOGIN_TTL),
         zone: ptr::null(),
         zone_name: block.session_zone,
         origin,
@@ -420,6 +428,19 @@ unsafe extern "C" fn provider_directive(
                 return emerg!(cf, "invalid timeout \"{}\"", value);
             }
             set_once!(block.timeout_ms, Ok::<_, *mut c_char>(ms as u64))
+        }
+        "login_timeout" => {
+            let value = match one(cf) {
+                Ok(v) => v,
+                Err(rv) => return rv,
+            };
+            let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
+            // SAFETY: `s` points at a live string.
+            let secs = unsafe { ngx_parse_time(&mut s, 1) };
+            if secs == NGX_ERROR as isize || secs <= 0 {
+                return emerg!(cf, "invalid login_timeout \"{}\"", value);
+            }
+            set_once!(block.login_timeout, Ok::<_, *mut c_char>(secs as i64))
         }
         "ca_file" => {
             let path = match one(cf) {

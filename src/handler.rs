@@ -13,7 +13,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use authentik_core::config::Mode;
 use authentik_core::cookie::{self, CookieAttributes};
 use authentik_core::identity::{is_forged_identity_header, IDENTITY_HEADERS};
-use authentik_core::oidc::login::LOGIN_TTL;
 use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
 use authentik_core::page::error_page;
 use authentik_core::redirect::validate_return_to;
@@ -169,7 +168,7 @@ fn now() -> i64 {
 }
 
 fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
-    if r.main != r as *mut ngx_http_request_t {
+    if !ptr::eq(r.main, r) {
         return NGX_DECLINED as ngx_int_t;
     }
     let Some(lcf) = HttpAuthentikModule::location_conf(r) else {
@@ -366,7 +365,7 @@ fn start_login(
     let (scheme, host) = (http::scheme(r), http::host(r));
     let redirect_uri = provider.settings.redirect_uri(scheme, &host);
     let login = PendingLogin::new(return_to, redirect_uri, now());
-    if let Err(e) = zone.insert_login(&login, now()) {
+    if let Err(e) = zone.insert_login(&login, provider.login_timeout, now()) {
         log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
         return page(
             r,
@@ -384,7 +383,7 @@ fn start_login(
     );
     let attrs = login_cookie_attributes(r, provider);
     let name = cookie::login_cookie_name(&provider.cookie_name, &login.state);
-    let set = cookie::set_cookie(&name, &login.binding, LOGIN_TTL, &attrs);
+    let set = cookie::set_cookie(&name, &login.binding, provider.login_timeout, &attrs);
     if stale_cookie {
         expire_session_cookie(r, provider);
     }
@@ -534,7 +533,7 @@ fn resume_after_task(
         (Resume::Callback { login_cookie, return_to }, Outcome::Login(result)) => {
             expire_cookie(r, provider, &login_cookie, LOGIN_COOKIE_PATH);
             match result {
-                Ok(record) => create_session(r, provider, zone, record, &return_to),
+                Ok(record) => create_session(r, provider, zone, *record, &return_to),
                 Err(e) => {
                     let what = match &e {
                         LoginError::Provider(_) => "redeeming authentik login code",

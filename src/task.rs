@@ -37,7 +37,7 @@ pub enum Work {
 /// The result, handed back to the access handler.
 pub enum Outcome {
     Discovery(Result<Arc<Discovery>, ProviderError>),
-    Login(Result<SessionRecord, LoginError>),
+    Login(Result<Box<SessionRecord>, LoginError>),
     /// The work panicked (a bug); the panic was contained in the thread. Its message.
     Panicked(String),
 }
@@ -65,15 +65,18 @@ impl TaskData {
             Work::Discovery => {
                 Outcome::Discovery(self.cache.discovery(&self.client, &self.settings, now))
             }
-            Work::Login { login, code, max_lifetime } => Outcome::Login(complete_login(
-                &self.settings,
-                &self.cache,
-                &self.client,
-                login,
-                code,
-                *max_lifetime,
-                now,
-            )),
+            Work::Login { login, code, max_lifetime } => Outcome::Login(
+                complete_login(
+                    &self.settings,
+                    &self.cache,
+                    &self.client,
+                    login,
+                    code,
+                    *max_lifetime,
+                    now,
+                )
+                .map(Box::new),
+            ),
         }
     }
 }

@@ -227,7 +227,7 @@ impl SessionZone {
         Locked { zone: self }
     }
 
-    fn header(&self, _lock: &Locked<'_>) -> &mut ZoneHeader {
+    fn header<'l>(&self, _lock: &'l mut Locked<'_>) -> &'l mut ZoneHeader {
         // SAFETY: the header is initialised and the caller holds the zone's mutex.
         unsafe { &mut *self.header }
     }
@@ -236,8 +236,8 @@ impl SessionZone {
 
     /// The session's record bytes, if the session exists and has not expired; marks it used.
     pub fn lookup(&self, id: &SessionId, now: UnixTime) -> Option<Vec<u8>> {
-        let lock = self.lock();
-        let h = self.header(&lock);
+        let mut lock = self.lock();
+        let h = self.header(&mut lock);
         let entry = find(&mut h.sessions, id.key())?;
         // SAFETY: `entry` is a live session entry in the locked zone.
         let e = unsafe { &mut *entry };
@@ -264,8 +264,8 @@ impl SessionZone {
         now: UnixTime,
     ) -> Result<Eviction, ZoneError> {
         let bytes = record.encode();
-        let lock = self.lock();
-        let h = self.header(&lock);
+        let mut lock = self.lock();
+        let h = self.header(&mut lock);
         if find(&mut h.sessions, id.key()).is_some() {
             return Err(ZoneError::Collision);
         }
@@ -304,8 +304,8 @@ impl SessionZone {
     /// Deletes every session whose `sub` is `sub`; returns how many.
     pub fn remove_by_sub(&self, sub: &str) -> usize {
         let key = sub_key(sub);
-        let lock = self.lock();
-        let h = self.header(&lock);
+        let mut lock = self.lock();
+        let h = self.header(&mut lock);
         let mut doomed = Vec::new();
         let sentinel = h.by_sub.sentinel;
         // Leftmost node with a key >= `key`, then walk equal keys in order.
@@ -339,8 +339,8 @@ impl SessionZone {
     /// Live (possibly expired, not yet collected) sessions, free and total slab pages.
     #[cfg(feature = "bench")]
     pub fn stats(&self) -> (usize, usize, usize) {
-        let lock = self.lock();
-        let sessions = self.header(&lock).session_count;
+        let mut lock = self.lock();
+        let sessions = self.header(&mut lock).session_count;
         // SAFETY: the slab pool's counters are read under its mutex.
         let pool = unsafe { &*self.shpool };
         let total = (pool.end as usize - pool.start as usize) / 4096;
@@ -385,14 +385,20 @@ impl SessionZone {
 
     /* pending logins */
 
-    /// Stores a started login until its callback; the oldest pending logins make room.
-    pub fn insert_login(&self, login: &PendingLogin, now: UnixTime) -> Result<(), ZoneError> {
+    /// Stores a started login until its callback (at most `ttl` seconds); the oldest pending
+    /// logins make room.
+    pub fn insert_login(
+        &self,
+        login: &PendingLogin,
+        ttl: i64,
+        now: UnixTime,
+    ) -> Result<(), ZoneError> {
         let Some(key) = PendingLogin::key_of(&login.state) else {
             return Err(ZoneError::Collision);
         };
         let bytes = login.encode();
-        let lock = self.lock();
-        let h = self.header(&lock);
+        let mut lock = self.lock();
+        let h = self.header(&mut lock);
         if find(&mut h.logins, key).is_some() {
             return Err(ZoneError::Collision);
         }
@@ -417,7 +423,7 @@ impl SessionZone {
         unsafe {
             let e = &mut *entry;
             e.node.key = key as _;
-            e.expires_at = login.created_at + authentik_core::oidc::login::LOGIN_TTL;
+            e.expires_at = now + ttl;
             e.len = bytes.len() as u32;
             ptr::copy_nonoverlapping(bytes.as_ptr(), entry_data_ptr(entry), bytes.len());
             ngx_rbtree_insert(&mut h.logins, &mut e.node);
@@ -430,16 +436,18 @@ impl SessionZone {
     /// Removes and returns the pending login for `state` (one use), unless it has expired.
     pub fn take_login(&self, state: &str, now: UnixTime) -> Option<PendingLogin> {
         let key = PendingLogin::key_of(state)?;
-        let bytes = {
-            let lock = self.lock();
-            let h = self.header(&lock);
+        let (bytes, expires_at) = {
+            let mut lock = self.lock();
+            let h = self.header(&mut lock);
             let entry = find(&mut h.logins, key)?;
             let bytes = entry_data(entry).to_vec();
+            // SAFETY: a live login entry of the locked zone.
+            let expires_at = unsafe { (*entry).expires_at };
             self.delete_login(h, entry);
-            bytes
+            (bytes, expires_at)
         };
         let login = PendingLogin::decode(&bytes)?;
-        if login.state != state || login.is_expired(now) {
+        if login.state != state || expires_at <= now {
             return None;
         }
         Some(login)

@@ -251,6 +251,19 @@ def test_replayed_state(app):
     assert_state_error_page(b.get(cb, follow=False))
 
 
+def test_expired_state(app):
+    """A login completed after `login_timeout` is refused with the restart page."""
+    app.start(provider_extra="login_timeout 1s;")
+    b = Browser()
+    cb = _callback_url(app, b)
+    time.sleep(2.2)
+    assert_state_error_page(b.get(cb, follow=False))
+    assert "completing authentik login" in app.nginx.error_log()
+    # and a fresh login within the timeout still works
+    r = app.login(Browser(), "/after")
+    assert echo(r).get("X-authentik-username") == "alice"
+
+
 def test_missing_binding_cookie(app):
     """The callback from another browser (no per-login binding cookie) is refused."""
     app.start()
