@@ -555,7 +555,7 @@ class Bench:
     # --- 3. session store scale ---
     def scale(self):
         if not BENCH_MODULE.exists():
-            msg = f"{BENCH_MODULE.relative_to(REPO)} not built (make bench-module): session-store scale not measured"
+            msg = "build/bench/ngx_http_authentik_module.so not built (make bench-module): session-store scale not measured"
             if self.p.smoke:
                 self.res["notes"].append(msg)
                 log(msg)
@@ -699,11 +699,11 @@ def login_loop(url: str, cookie_name: str, seconds: float):
 
 
 # --- callgrind analysis ------------------------------------------------------------------------------
-LINE_RE = re.compile(r"^\s*([\d,]+)\s+(?:\([\d.]+%\)\s+)?(.*?)\s*$")
+LINE_RE = re.compile(r"^\s*([\d,]+)\s+(?:\(\s*[\d.]+%\)\s+)?(.*?)\s*$")
 
 
 def annotate(path: Path, inclusive: bool) -> tuple[int, list[tuple[int, str]]]:
-    cmd = ["callgrind_annotate", "--threshold=100", f"--inclusive={'yes' if inclusive else 'no'}", str(path)]
+    cmd = ["callgrind_annotate", "--threshold=100", "--auto=no", f"--inclusive={'yes' if inclusive else 'no'}", str(path)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     total = 0
     rows = []
@@ -1049,7 +1049,22 @@ def main():
         if not f.exists():
             sys.exit(f"bench: {f} missing: run `make module`")
     workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-bench-"))
+    # Snapshot the modules: a concurrent `make module` rewrites build/*.so in place, which would
+    # crash (SIGBUS) an nginx that has the file mapped.
+    global MODULE, BENCH_MODULE
+    snap = {}
+    for name, src in (("module", MODULE), ("bench-module", BENCH_MODULE)):
+        if src.exists():
+            dst = workdir / f"{name}.so"
+            shutil.copy2(src, dst)
+            snap[name] = {"file": str(src.relative_to(REPO)),
+                          "mtime": datetime.datetime.fromtimestamp(src.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")}
+            if name == "module":
+                MODULE = dst
+            else:
+                BENCH_MODULE = dst
     bench = Bench(p, workdir)
+    bench.res["modules"] = snap
     bench.res["facts"] = machine_facts()
     log(f"{'SMOKE ' if p.smoke else ''}run, work dir {workdir}")
 

@@ -2,6 +2,7 @@
 file and line, and nginx serves with 2 workers."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +257,20 @@ server {{
     r = b.get(nginx.url("/static"))
     assert r.status_code == 200 and r.text == "static\n"
     assert "[emerg]" not in nginx.error_log() and "[alert]" not in nginx.error_log()
+
+
+@pytest.mark.parametrize("example", ["proxy.conf", "forward_single.conf", "forward_domain.conf"])
+def test_example_configs_pass_nginx_t(nginx, example):
+    """The README's examples in nginx-conf/ are valid as shipped (included inside http {})."""
+    nginx.check_target()
+    path = Path(__file__).resolve().parents[1] / "nginx-conf" / example
+    assert path.is_file(), path
+    rc, out = nginx.test_config(nginx.wrap(f"include {path};"))
+    assert rc == 0, out
+    assert "test is successful" in out, out
+    # and a broken copy fails, naming the included file and line (the test can fail)
+    broken = nginx.prefix / "conf" / f"broken-{example}"
+    text = path.read_text().replace("auth_authentik ", "auth_authentk ", 1)
+    broken.write_text(text)
+    rc, out = nginx.test_config(nginx.wrap(f"include {broken};"))
+    assert rc != 0 and f"{broken}:{line_of(text, 'auth_authentk ')}" in out, out
