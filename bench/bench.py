@@ -737,19 +737,23 @@ def short_fn(what: str) -> str:
         return what
     fn, obj = m.group(2), m.group(3) or ""
     fn = re.sub(r"::h[0-9a-f]{16}$", "", fn)
-    return f"{fn} [{Path(obj).name}]" if obj else fn
+    name = Path(obj).name
+    return f"{fn} [{'module' if name == MODULE.name else name}]" if obj else fn
 
 
 def analyse_callgrind(path: Path, n: int) -> dict:
     total, incl = annotate(path, True)
     _, excl = annotate(path, False)
     mod = "ngx_http_authentik_module"
+    obj = f"{MODULE.name}]"  # the module's object file (a snapshot copy, see main)
     res = {"total": total, "total_per_req": total / n, "file": str(path)}
     ah = [ir for ir, w in incl if "access_handler" in w and mod in w]
     res["access_handler_per_req"] = (max(ah) / n) if ah else 0.0
+    dc = [ir for ir, w in incl if "handler::drop_ctx" in w]
+    res["drop_ctx_per_req"] = (max(dc) / n) if dc else 0.0
     # self cost inside the module's own object (Rust code, inlined core code), per request
-    res["module_self_per_req"] = sum(ir for ir, w in excl if w.endswith(f"{mod}.so]")) / n
-    top_mod = sorted(((ir, short_fn(w)) for ir, w in incl if w.endswith(f"{mod}.so]")), reverse=True)[:25]
+    res["module_self_per_req"] = sum(ir for ir, w in excl if w.endswith(obj)) / n
+    top_mod = sorted(((ir, short_fn(w)) for ir, w in incl if w.endswith(obj)), reverse=True)[:25]
     res["module_top_inclusive"] = [(ir / n, w) for ir, w in top_mod]
     res["top_exclusive"] = [(ir / n, short_fn(w)) for ir, w in sorted(excl, reverse=True)[:20]]
     for name in ("malloc", "free", "realloc", "memcpy", "__memcpy_avx_unaligned_erms", "memmove"):
@@ -899,6 +903,8 @@ def render(res: dict) -> str:
         L.append(f"| difference | {cg['delta_per_req']:+,.0f} ({cg['delta_per_req'] / b['total_per_req'] * 100:+.1f}%) |")
         L.append(f"| module access handler, inclusive (everything it calls) | {a['access_handler_per_req']:,.0f} "
                  f"({a['access_handler_per_req'] / a['total_per_req'] * 100:.1f}% of set-up 2) |")
+        L.append(f"| module request-context cleanup (`drop_ctx`, at request-pool destruction), inclusive | "
+                 f"{a.get('drop_ctx_per_req', 0):,.0f} |")
         L.append(f"| instructions executed in the module's own code (self) | {a['module_self_per_req']:,.0f} |")
         for name in ("malloc", "free", "realloc"):
             if f"incl_{name}_per_req" in a:
@@ -918,9 +924,13 @@ def render(res: dict) -> str:
         L.append(f"## Latency at a fixed moderate rate (1 worker): {pc['target_rps']:,.0f} req/s target "
                  f"= half the baseline maximum")
         L.append("")
-        L.append(f"wrk with a fixed {pc['delay_ms']} ms pause before each request on each of {pc['conns']} "
-                 f"connections (wrk's Lua `delay`); latency is measured from the write of each request. "
-                 f"(`hey -q` was not used: it reports latencies rounded to 0.1 ms.)")
+        L.append(f"wrk with a random pause of 1..{2 * pc['delay_ms'] - 1} ms (mean {pc['delay_ms']} ms) before each "
+                 f"request on each of {pc['conns']} connections (wrk's Lua `delay`; calibrated once on set-up 1, "
+                 f"then the same for all); latency is measured from the write of each request. wrk's timers tick "
+                 f"in whole milliseconds, so requests arrive in clumps of about rate/1000 per tick and p99 "
+                 f"includes the queueing of a clump (service time x clump size). "
+                 f"(`hey -q` was not used: it reports latencies rounded to 0.1 ms and needs more CPU per request "
+                 f"than this 2-CPU machine can spare at this rate.)")
         L.append("")
         L.append("| set-up | achieved req/s | p50 | p99 | p99.9 | p99 added over set-up 1 |")
         L.append("|---|---:|---:|---:|---:|---:|")

@@ -292,13 +292,15 @@ end
 
 
 def wrk_script(workdir: Path, delay_ms: int | None = None) -> Path:
-    """The wrk Lua script: a JSON summary line, and with `delay_ms` a fixed pause before each
-    request of every connection (the fixed-rate mode: rate ~= connections / delay)."""
+    """The wrk Lua script: a JSON summary line, and with `delay_ms` a random pause (mean
+    `delay_ms`) before each request of every connection (fixed-rate mode: rate ~= connections /
+    (delay + latency))."""
     name = f"wrk-delay{delay_ms}.lua" if delay_ms else "wrk.lua"
     path = Path(workdir) / name
     text = WRK_DONE_LUA
     if delay_ms:
-        text = f"delay = function() return {int(delay_ms)} end\n" + text
+        # a random pause with the given mean keeps the connections from marching in step
+        text = f"delay = function() return math.random(1, {2 * int(delay_ms) - 1}) end\n" + text
     path.write_text(text)
     return path
 

@@ -32,6 +32,12 @@ fn conf_error() -> *mut c_char {
     NGX_CONF_ERROR as *mut c_char
 }
 
+/// Runs a configuration handler; a panic (a bug) fails the configuration instead of unwinding
+/// into nginx.
+fn conf_guard(f: impl FnOnce() -> *mut c_char) -> *mut c_char {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| conf_error())
+}
+
 /// Internal marker for "the error was already logged".
 #[derive(Debug)]
 pub struct ConfError;
@@ -152,60 +158,62 @@ pub unsafe extern "C" fn cmd_add_session_zone(
     _cmd: *mut ngx_command_t,
     _conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: nginx passes a valid configuration context.
-    let cf = unsafe { &mut *cf };
-    let mut name = None;
-    let mut size = 0usize;
-    let mut timeout: i64 = 24 * 3600;
+    conf_guard(|| {
+        // SAFETY: nginx passes a valid configuration context.
+        let cf = unsafe { &mut *cf };
+        let mut name = None;
+        let mut size = 0usize;
+        let mut timeout: i64 = 24 * 3600;
 
-    for arg in &args(cf)[1..] {
-        let Ok(value) = arg_str(arg) else {
-            return emerg!(cf, "invalid parameter \"{}\"", arg);
-        };
-        if let Some(zone) = value.strip_prefix("zone=") {
-            let Some((zname, zsize)) = zone.rsplit_once(':') else {
-                return emerg!(cf, "invalid zone size in \"{}\"", value);
+        for arg in &args(cf)[1..] {
+            let Ok(value) = arg_str(arg) else {
+                return emerg!(cf, "invalid parameter \"{}\"", arg);
             };
-            let mut s = ngx_str_t { len: zsize.len(), data: zsize.as_ptr() as *mut u8 };
-            // SAFETY: `s` points at a live string.
-            let parsed = unsafe { ngx_parse_size(&mut s) };
-            if zname.is_empty() || parsed <= 0 {
-                return emerg!(cf, "invalid zone size in \"{}\"", value);
+            if let Some(zone) = value.strip_prefix("zone=") {
+                let Some((zname, zsize)) = zone.rsplit_once(':') else {
+                    return emerg!(cf, "invalid zone size in \"{}\"", value);
+                };
+                let mut s = ngx_str_t { len: zsize.len(), data: zsize.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let parsed = unsafe { ngx_parse_size(&mut s) };
+                if zname.is_empty() || parsed <= 0 {
+                    return emerg!(cf, "invalid zone size in \"{}\"", value);
+                }
+                name = Some(zname.to_string());
+                size = parsed as usize;
+            } else if let Some(t) = value.strip_prefix("timeout=") {
+                let mut s = ngx_str_t { len: t.len(), data: t.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let parsed = unsafe { ngx_parse_time(&mut s, 1) };
+                if parsed == NGX_ERROR as isize || parsed <= 0 {
+                    return emerg!(cf, "invalid timeout \"{}\"", t);
+                }
+                timeout = parsed as i64;
+            } else {
+                return emerg!(cf, "invalid parameter \"{}\"", value);
             }
-            name = Some(zname.to_string());
-            size = parsed as usize;
-        } else if let Some(t) = value.strip_prefix("timeout=") {
-            let mut s = ngx_str_t { len: t.len(), data: t.as_ptr() as *mut u8 };
-            // SAFETY: `s` points at a live string.
-            let parsed = unsafe { ngx_parse_time(&mut s, 1) };
-            if parsed == NGX_ERROR as isize || parsed <= 0 {
-                return emerg!(cf, "invalid timeout \"{}\"", t);
-            }
-            timeout = parsed as i64;
-        } else {
-            return emerg!(cf, "invalid parameter \"{}\"", value);
         }
-    }
 
-    let Some(name) = name else {
-        return emerg!(cf, "\"zone\" parameter is required");
-    };
-    // SAFETY: ngx_pagesize is set at startup.
-    let min = 8 * unsafe { nginx_sys::ngx_pagesize };
-    if size < min {
-        return emerg!(cf, "zone \"{}\" is too small, minimum is {}k", name, min / 1024);
-    }
-    let mcf = main_conf(cf);
-    if mcf.zones.iter().any(|z| z.name == name) {
-        return emerg!(cf, "duplicate zone \"{}\"", name);
-    }
-    match SessionZone::add(cf, name, size, timeout) {
-        Ok(zone) => {
-            mcf.zones.push(zone);
-            CONF_OK
+        let Some(name) = name else {
+            return emerg!(cf, "\"zone\" parameter is required");
+        };
+        // SAFETY: ngx_pagesize is set at startup.
+        let min = 8 * unsafe { nginx_sys::ngx_pagesize };
+        if size < min {
+            return emerg!(cf, "zone \"{}\" is too small, minimum is {}k", name, min / 1024);
         }
-        Err(ConfError) => conf_error(),
-    }
+        let mcf = main_conf(cf);
+        if mcf.zones.iter().any(|z| z.name == name) {
+            return emerg!(cf, "duplicate zone \"{}\"", name);
+        }
+        match SessionZone::add(cf, name, size, timeout) {
+            Ok(zone) => {
+                mcf.zones.push(zone);
+                CONF_OK
+            }
+            Err(ConfError) => conf_error(),
+        }
+    })
 }
 
 /* authentik_provider NAME { ... } */
@@ -233,37 +241,39 @@ pub unsafe extern "C" fn cmd_add_provider(
     _cmd: *mut ngx_command_t,
     _conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: nginx passes a valid configuration context.
-    let cf = unsafe { &mut *cf };
-    let Ok(name) = arg_str(&args(cf)[1]).map(str::to_string) else {
-        return emerg!(cf, "invalid provider name");
-    };
-    if name.is_empty() || name == "off" {
-        return emerg!(cf, "invalid provider name \"{}\"", name);
-    }
-    if main_conf(cf).providers.iter().any(|p| p.settings.name == name) {
-        return emerg!(cf, "duplicate authentik_provider \"{}\"", name);
-    }
-    let origin = ConfOrigin::of(cf);
-
-    let mut block = ProviderBlock::default();
-    let saved = (cf.handler, cf.handler_conf);
-    cf.handler = Some(provider_directive);
-    cf.handler_conf = ptr::addr_of_mut!(block) as *mut c_void;
-    // SAFETY: parses the block's contents with our handler; state restored below.
-    let rv = unsafe { ngx_conf_parse(cf, ptr::null_mut()) };
-    (cf.handler, cf.handler_conf) = saved;
-    if !rv.is_null() {
-        return rv;
-    }
-
-    match build_provider(cf, name, block, origin) {
-        Ok(provider) => {
-            main_conf(cf).providers.push(Box::new(provider));
-            CONF_OK
+    conf_guard(|| {
+        // SAFETY: nginx passes a valid configuration context.
+        let cf = unsafe { &mut *cf };
+        let Ok(name) = arg_str(&args(cf)[1]).map(str::to_string) else {
+            return emerg!(cf, "invalid provider name");
+        };
+        if name.is_empty() || name == "off" {
+            return emerg!(cf, "invalid provider name \"{}\"", name);
         }
-        Err(rv) => rv,
-    }
+        if main_conf(cf).providers.iter().any(|p| p.settings.name == name) {
+            return emerg!(cf, "duplicate authentik_provider \"{}\"", name);
+        }
+        let origin = ConfOrigin::of(cf);
+
+        let mut block = ProviderBlock::default();
+        let saved = (cf.handler, cf.handler_conf);
+        cf.handler = Some(provider_directive);
+        cf.handler_conf = ptr::addr_of_mut!(block) as *mut c_void;
+        // SAFETY: parses the block's contents with our handler; state restored below.
+        let rv = unsafe { ngx_conf_parse(cf, ptr::null_mut()) };
+        (cf.handler, cf.handler_conf) = saved;
+        if !rv.is_null() {
+            return rv;
+        }
+
+        match build_provider(cf, name, block, origin) {
+            Ok(provider) => {
+                main_conf(cf).providers.push(Box::new(provider));
+                CONF_OK
+            }
+            Err(rv) => rv,
+        }
+    })
 }
 
 fn build_provider(
@@ -327,132 +337,134 @@ unsafe extern "C" fn provider_directive(
     _dummy: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: `conf` is the ProviderBlock installed by cmd_add_provider for this parse.
-    let (cf, block) = unsafe { (&mut *cf, &mut *(conf as *mut ProviderBlock)) };
-    let argv: Vec<String> = match args(cf).iter().map(arg_str).collect::<Result<Vec<_>, _>>() {
-        Ok(v) => v.into_iter().map(str::to_string).collect(),
-        Err(()) => return emerg!(cf, "invalid value"),
-    };
-    let name = argv[0].as_str();
-    let values = &argv[1..];
+    conf_guard(|| {
+        // SAFETY: `conf` is the ProviderBlock installed by cmd_add_provider for this parse.
+        let (cf, block) = unsafe { (&mut *cf, &mut *(conf as *mut ProviderBlock)) };
+        let argv: Vec<String> = match args(cf).iter().map(arg_str).collect::<Result<Vec<_>, _>>() {
+            Ok(v) => v.into_iter().map(str::to_string).collect(),
+            Err(()) => return emerg!(cf, "invalid value"),
+        };
+        let name = argv[0].as_str();
+        let values = &argv[1..];
 
-    let one = |cf: &mut ngx_conf_t| -> Result<String, *mut c_char> {
-        if values.len() != 1 {
-            return Err(emerg!(cf, "invalid number of arguments in \"{}\" directive", name));
-        }
-        Ok(values[0].clone())
-    };
-    let many = |cf: &mut ngx_conf_t| -> Result<Vec<String>, *mut c_char> {
-        if values.is_empty() {
-            return Err(emerg!(cf, "invalid number of arguments in \"{}\" directive", name));
-        }
-        Ok(values.to_vec())
-    };
-
-    macro_rules! set_once {
-        ($field:expr, $value:expr) => {{
-            if $field.is_some() {
-                return emerg!(cf, "\"{}\" directive is duplicate", name);
+        let one = |cf: &mut ngx_conf_t| -> Result<String, *mut c_char> {
+            if values.len() != 1 {
+                return Err(emerg!(cf, "invalid number of arguments in \"{}\" directive", name));
             }
-            match $value {
-                Ok(v) => $field = Some(v),
-                Err(rv) => return rv,
+            Ok(values[0].clone())
+        };
+        let many = |cf: &mut ngx_conf_t| -> Result<Vec<String>, *mut c_char> {
+            if values.is_empty() {
+                return Err(emerg!(cf, "invalid number of arguments in \"{}\" directive", name));
             }
-        }};
-    }
+            Ok(values.to_vec())
+        };
 
-    let url = |cf: &mut ngx_conf_t| -> Result<Url, *mut c_char> {
-        let value = one(cf)?;
-        parse_http_url(&value).map_err(|e| emerg!(cf, "{}: {}", name, e))
-    };
-
-    match name {
-        "issuer" => set_once!(block.issuer, url(cf)),
-        "client_id" => set_once!(block.client_id, one(cf)),
-        "client_secret" => set_once!(block.client_secret, one(cf)),
-        "client_secret_file" => {
-            let path = match one(cf) {
-                Ok(p) => conf_path(cf, &p),
-                Err(rv) => return rv,
-            };
-            let secret = match std::fs::read_to_string(&path) {
-                Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
-                Err(e) => {
-                    return emerg!(
-                        cf,
-                        "cannot read client_secret_file \"{}\": {}",
-                        path.display(),
-                        e
-                    )
+        macro_rules! set_once {
+            ($field:expr, $value:expr) => {{
+                if $field.is_some() {
+                    return emerg!(cf, "\"{}\" directive is duplicate", name);
                 }
-            };
-            if secret.is_empty() {
-                return emerg!(cf, "client_secret_file \"{}\" is empty", path.display());
+                match $value {
+                    Ok(v) => $field = Some(v),
+                    Err(rv) => return rv,
+                }
+            }};
+        }
+
+        let url = |cf: &mut ngx_conf_t| -> Result<Url, *mut c_char> {
+            let value = one(cf)?;
+            parse_http_url(&value).map_err(|e| emerg!(cf, "{}: {}", name, e))
+        };
+
+        match name {
+            "issuer" => set_once!(block.issuer, url(cf)),
+            "client_id" => set_once!(block.client_id, one(cf)),
+            "client_secret" => set_once!(block.client_secret, one(cf)),
+            "client_secret_file" => {
+                let path = match one(cf) {
+                    Ok(p) => conf_path(cf, &p),
+                    Err(rv) => return rv,
+                };
+                let secret = match std::fs::read_to_string(&path) {
+                    Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
+                    Err(e) => {
+                        return emerg!(
+                            cf,
+                            "cannot read client_secret_file \"{}\": {}",
+                            path.display(),
+                            e
+                        )
+                    }
+                };
+                if secret.is_empty() {
+                    return emerg!(cf, "client_secret_file \"{}\" is empty", path.display());
+                }
+                set_once!(block.client_secret, Ok::<_, *mut c_char>(secret))
             }
-            set_once!(block.client_secret, Ok::<_, *mut c_char>(secret))
-        }
-        "external_host" => set_once!(block.external_host, url(cf)),
-        "mode" => {
-            let value = match one(cf) {
-                Ok(v) => v,
-                Err(rv) => return rv,
-            };
-            let mode = Mode::parse(&value).map_err(|e| emerg!(cf, "{}", e));
-            set_once!(block.mode, mode)
-        }
-        "cookie_domain" => {
-            let value = match one(cf) {
-                Ok(v) => v,
-                Err(rv) => return rv,
-            };
-            let domain = parse_cookie_domain(&value).map_err(|e| emerg!(cf, "{}", e));
-            set_once!(block.cookie_domain, domain)
-        }
-        "scopes" => set_once!(block.scopes, many(cf)),
-        "unauth_paths" => {
-            let paths = many(cf).and_then(|patterns| {
-                UnauthPaths::compile(&patterns).map_err(|e| emerg!(cf, "{}", e))
-            });
-            set_once!(block.unauth, paths)
-        }
-        "session_zone" => set_once!(block.session_zone, one(cf)),
-        "timeout" => {
-            let value = match one(cf) {
-                Ok(v) => v,
-                Err(rv) => return rv,
-            };
-            let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
-            // SAFETY: `s` points at a live string.
-            let ms = unsafe { ngx_parse_time(&mut s, 0) };
-            if ms == NGX_ERROR as isize || ms <= 0 {
-                return emerg!(cf, "invalid timeout \"{}\"", value);
+            "external_host" => set_once!(block.external_host, url(cf)),
+            "mode" => {
+                let value = match one(cf) {
+                    Ok(v) => v,
+                    Err(rv) => return rv,
+                };
+                let mode = Mode::parse(&value).map_err(|e| emerg!(cf, "{}", e));
+                set_once!(block.mode, mode)
             }
-            set_once!(block.timeout_ms, Ok::<_, *mut c_char>(ms as u64))
-        }
-        "login_timeout" => {
-            let value = match one(cf) {
-                Ok(v) => v,
-                Err(rv) => return rv,
-            };
-            let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
-            // SAFETY: `s` points at a live string.
-            let secs = unsafe { ngx_parse_time(&mut s, 1) };
-            if secs == NGX_ERROR as isize || secs <= 0 {
-                return emerg!(cf, "invalid login_timeout \"{}\"", value);
+            "cookie_domain" => {
+                let value = match one(cf) {
+                    Ok(v) => v,
+                    Err(rv) => return rv,
+                };
+                let domain = parse_cookie_domain(&value).map_err(|e| emerg!(cf, "{}", e));
+                set_once!(block.cookie_domain, domain)
             }
-            set_once!(block.login_timeout, Ok::<_, *mut c_char>(secs as i64))
+            "scopes" => set_once!(block.scopes, many(cf)),
+            "unauth_paths" => {
+                let paths = many(cf).and_then(|patterns| {
+                    UnauthPaths::compile(&patterns).map_err(|e| emerg!(cf, "{}", e))
+                });
+                set_once!(block.unauth, paths)
+            }
+            "session_zone" => set_once!(block.session_zone, one(cf)),
+            "timeout" => {
+                let value = match one(cf) {
+                    Ok(v) => v,
+                    Err(rv) => return rv,
+                };
+                let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let ms = unsafe { ngx_parse_time(&mut s, 0) };
+                if ms == NGX_ERROR as isize || ms <= 0 {
+                    return emerg!(cf, "invalid timeout \"{}\"", value);
+                }
+                set_once!(block.timeout_ms, Ok::<_, *mut c_char>(ms as u64))
+            }
+            "login_timeout" => {
+                let value = match one(cf) {
+                    Ok(v) => v,
+                    Err(rv) => return rv,
+                };
+                let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let secs = unsafe { ngx_parse_time(&mut s, 1) };
+                if secs == NGX_ERROR as isize || secs <= 0 {
+                    return emerg!(cf, "invalid login_timeout \"{}\"", value);
+                }
+                set_once!(block.login_timeout, Ok::<_, *mut c_char>(secs as i64))
+            }
+            "ca_file" => {
+                let path = match one(cf) {
+                    Ok(p) => conf_path(cf, &p),
+                    Err(rv) => return rv,
+                };
+                set_once!(block.ca_file, Ok::<_, *mut c_char>(path))
+            }
+            "post_logout_redirect" => set_once!(block.post_logout_redirect, url(cf)),
+            _ => return emerg!(cf, "unknown directive \"{}\"", name),
         }
-        "ca_file" => {
-            let path = match one(cf) {
-                Ok(p) => conf_path(cf, &p),
-                Err(rv) => return rv,
-            };
-            set_once!(block.ca_file, Ok::<_, *mut c_char>(path))
-        }
-        "post_logout_redirect" => set_once!(block.post_logout_redirect, url(cf)),
-        _ => return emerg!(cf, "unknown directive \"{}\"", name),
-    }
-    CONF_OK
+        CONF_OK
+    })
 }
 
 /* auth_authentik NAME | off */
@@ -462,20 +474,22 @@ pub unsafe extern "C" fn cmd_set_auth(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: `conf` is this module's LocationConf for the current context.
-    let (cf, lcf) = unsafe { (&mut *cf, &mut *(conf as *mut LocationConf)) };
-    if !matches!(lcf.auth, AuthSetting::Unset) {
-        return c"is duplicate".as_ptr() as *mut c_char;
-    }
-    let Ok(value) = arg_str(&args(cf)[1]) else {
-        return c"invalid value".as_ptr() as *mut c_char;
-    };
-    lcf.auth = if value == "off" {
-        AuthSetting::Off
-    } else {
-        AuthSetting::Provider(value.to_string(), ConfOrigin::of(cf))
-    };
-    CONF_OK
+    conf_guard(|| {
+        // SAFETY: `conf` is this module's LocationConf for the current context.
+        let (cf, lcf) = unsafe { (&mut *cf, &mut *(conf as *mut LocationConf)) };
+        if !matches!(lcf.auth, AuthSetting::Unset) {
+            return c"is duplicate".as_ptr() as *mut c_char;
+        }
+        let Ok(value) = arg_str(&args(cf)[1]) else {
+            return c"invalid value".as_ptr() as *mut c_char;
+        };
+        lcf.auth = if value == "off" {
+            AuthSetting::Off
+        } else {
+            AuthSetting::Provider(value.to_string(), ConfOrigin::of(cf))
+        };
+        CONF_OK
+    })
 }
 
 /* authentik_unauth_paths REGEX ... */
@@ -485,55 +499,61 @@ pub unsafe extern "C" fn cmd_add_unauth_paths(
     _cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: `conf` is this module's LocationConf for the current context.
-    let (cf, lcf) = unsafe { (&mut *cf, &mut *(conf as *mut LocationConf)) };
-    let patterns: Vec<String> = args(cf)[1..].iter().map(|a| a.to_string()).collect();
-    let paths = match UnauthPaths::compile(&patterns) {
-        Ok(p) => p,
-        Err(e) => return emerg!(cf, "{}", e),
-    };
-    lcf.own_unauth = Some(match lcf.own_unauth.take() {
-        Some(existing) => existing.extend(&paths),
-        None => paths,
-    });
-    CONF_OK
+    conf_guard(|| {
+        // SAFETY: `conf` is this module's LocationConf for the current context.
+        let (cf, lcf) = unsafe { (&mut *cf, &mut *(conf as *mut LocationConf)) };
+        let patterns: Vec<String> = args(cf)[1..].iter().map(|a| a.to_string()).collect();
+        let paths = match UnauthPaths::compile(&patterns) {
+            Ok(p) => p,
+            Err(e) => return emerg!(cf, "{}", e),
+        };
+        lcf.own_unauth = Some(match lcf.own_unauth.take() {
+            Some(existing) => existing.extend(&paths),
+            None => paths,
+        });
+        CONF_OK
+    })
 }
 
 /* init and merge */
 
 pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
-    // SAFETY: `conf` is the MainConf this module's create_main_conf returned.
-    let (cf, conf) = unsafe { (&mut *cf, &mut *(conf as *mut MainConf)) };
-    for provider in conf.providers.iter_mut() {
-        let zone = match &provider.zone_name {
-            Some(name) => conf.zones.iter().find(|z| &z.name == name),
-            None if conf.zones.len() == 1 => conf.zones.first(),
-            None => None,
-        };
-        let Some(zone) = zone else {
-            let reason = match (&provider.zone_name, conf.zones.len()) {
-                (Some(name), _) => format!("unknown session zone \"{name}\""),
-                (None, 0) => "no \"authentik_session_zone\" is defined".to_string(),
-                (None, _) => "\"session_zone\" is required when several zones exist".to_string(),
+    conf_guard(|| {
+        // SAFETY: `conf` is the MainConf this module's create_main_conf returned.
+        let (cf, conf) = unsafe { (&mut *cf, &mut *(conf as *mut MainConf)) };
+        for provider in conf.providers.iter_mut() {
+            let zone = match &provider.zone_name {
+                Some(name) => conf.zones.iter().find(|z| &z.name == name),
+                None if conf.zones.len() == 1 => conf.zones.first(),
+                None => None,
             };
-            return emerg!(
-                cf,
-                "authentik_provider \"{}\" defined in {}: {}",
-                provider.settings.name,
-                provider.origin,
-                reason
-            );
-        };
-        provider.zone = &**zone as *const SessionZone;
-    }
-    if !conf.providers.is_empty() {
-        // SAFETY: registers (or finds) nginx's "default" thread pool during configuration.
-        conf.thread_pool = unsafe { ngx_thread_pool_add(cf, ptr::null_mut()) };
-        if conf.thread_pool.is_null() {
-            return conf_error();
+            let Some(zone) = zone else {
+                let reason = match (&provider.zone_name, conf.zones.len()) {
+                    (Some(name), _) => format!("unknown session zone \"{name}\""),
+                    (None, 0) => "no \"authentik_session_zone\" is defined".to_string(),
+                    (None, _) => {
+                        "\"session_zone\" is required when several zones exist".to_string()
+                    }
+                };
+                return emerg!(
+                    cf,
+                    "authentik_provider \"{}\" defined in {}: {}",
+                    provider.settings.name,
+                    provider.origin,
+                    reason
+                );
+            };
+            provider.zone = &**zone as *const SessionZone;
         }
-    }
-    CONF_OK
+        if !conf.providers.is_empty() {
+            // SAFETY: registers (or finds) nginx's "default" thread pool during configuration.
+            conf.thread_pool = unsafe { ngx_thread_pool_add(cf, ptr::null_mut()) };
+            if conf.thread_pool.is_null() {
+                return conf_error();
+            }
+        }
+        CONF_OK
+    })
 }
 
 pub unsafe extern "C" fn merge_loc_conf(
@@ -541,39 +561,43 @@ pub unsafe extern "C" fn merge_loc_conf(
     prev: *mut c_void,
     conf: *mut c_void,
 ) -> *mut c_char {
-    // SAFETY: both pointers are LocationConf values created by create_loc_conf.
-    let (cf, prev, conf) =
-        unsafe { (&mut *cf, &*(prev as *const LocationConf), &mut *(conf as *mut LocationConf)) };
-    if matches!(conf.auth, AuthSetting::Unset) {
-        conf.auth = prev.auth.clone();
-    }
-    if conf.own_unauth.is_none() {
-        conf.own_unauth = prev.own_unauth.clone();
-    }
-    let AuthSetting::Provider(name, origin) = &conf.auth else {
-        conf.provider = ptr::null();
-        return CONF_OK;
-    };
-    let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings.name == name) else {
-        // Reported with the directive's own position, like nginx does for unknown references.
-        let msg = format!("unknown authentik_provider \"{name}\" in {origin}");
-        let cmsg = std::ffi::CString::new(msg).unwrap_or_default();
-        // SAFETY: logs a formatted message with the configuration's log.
-        unsafe {
-            nginx_sys::ngx_log_error_core(
-                NGX_LOG_EMERG as usize,
-                cf.log,
-                0,
-                c"%s".as_ptr(),
-                cmsg.as_ptr(),
-            )
+    conf_guard(|| {
+        // SAFETY: both pointers are LocationConf values created by create_loc_conf.
+        let (cf, prev, conf) = unsafe {
+            (&mut *cf, &*(prev as *const LocationConf), &mut *(conf as *mut LocationConf))
         };
-        return conf_error();
-    };
-    conf.provider = &**provider as *const Provider;
-    conf.unauth = match &conf.own_unauth {
-        Some(own) => provider.unauth.extend(own),
-        None => provider.unauth.clone(),
-    };
-    CONF_OK
+        if matches!(conf.auth, AuthSetting::Unset) {
+            conf.auth = prev.auth.clone();
+        }
+        if conf.own_unauth.is_none() {
+            conf.own_unauth = prev.own_unauth.clone();
+        }
+        let AuthSetting::Provider(name, origin) = &conf.auth else {
+            conf.provider = ptr::null();
+            return CONF_OK;
+        };
+        let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings.name == name)
+        else {
+            // Reported with the directive's own position, like nginx does for unknown references.
+            let msg = format!("unknown authentik_provider \"{name}\" in {origin}");
+            let cmsg = std::ffi::CString::new(msg).unwrap_or_default();
+            // SAFETY: logs a formatted message with the configuration's log.
+            unsafe {
+                nginx_sys::ngx_log_error_core(
+                    NGX_LOG_EMERG as usize,
+                    cf.log,
+                    0,
+                    c"%s".as_ptr(),
+                    cmsg.as_ptr(),
+                )
+            };
+            return conf_error();
+        };
+        conf.provider = &**provider as *const Provider;
+        conf.unauth = match &conf.own_unauth {
+            Some(own) => provider.unauth.extend(own),
+            None => provider.unauth.clone(),
+        };
+        CONF_OK
+    })
 }

@@ -99,6 +99,14 @@ fn sub_key(sub: &str) -> u64 {
 
 /// Shared-memory init callback; `data` is the previous cycle's `SessionZone` on reload.
 unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: see init_zone_inner; a panic fails the zone instead of unwinding into nginx.
+    std::panic::catch_unwind(|| unsafe { init_zone_inner(shm_zone, data) })
+        .unwrap_or(NGX_ERROR as ngx_int_t)
+}
+
+/// # Safety
+/// Called by nginx with a zone registered by `SessionZone::add`.
+unsafe fn init_zone_inner(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: nginx calls this with our zone whose `data` is the SessionZone set by `add`.
     let shm_zone = unsafe { &mut *shm_zone };
     let zone = unsafe { &mut *(shm_zone.data as *mut SessionZone) };
@@ -241,7 +249,7 @@ impl SessionZone {
         let entry = find(&mut h.sessions, id.key())?;
         // SAFETY: `entry` is a live session entry in the locked zone.
         let e = unsafe { &mut *entry };
-        if e.id != id.0 {
+        if !constant_time_eq(&e.id, &id.0) {
             return None;
         }
         if e.expires_at <= now {
@@ -463,6 +471,11 @@ impl SessionZone {
         }
         h.login_count -= 1;
     }
+}
+
+/// Compares session ids in constant time, so timing reveals nothing about a guess.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
 }
 
 /* intrusive-structure helpers; all callers hold the zone's mutex */
