@@ -140,6 +140,14 @@ fn main_conf(cf: &ngx_conf_t) -> &'static mut MainConf {
     HttpAuthentikModule::main_conf_mut(cf).expect("authentik main conf")
 }
 
+/// A positive nginx time value (`10s`, `5m`, `1h30m`) in seconds or milliseconds.
+fn parse_time(value: &str, seconds: bool) -> Option<i64> {
+    let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
+    // SAFETY: `s` points at a live string that nginx only reads.
+    let parsed = unsafe { ngx_parse_time(&mut s, seconds as _) };
+    (parsed != NGX_ERROR as isize && parsed > 0).then_some(parsed as i64)
+}
+
 /// Absolute path of a file named in the configuration, relative to nginx's prefix like nginx does.
 fn conf_path(cf: &ngx_conf_t, name: &str) -> PathBuf {
     let path = PathBuf::from(name);
@@ -376,6 +384,10 @@ unsafe extern "C" fn provider_directive(
             let value = one(cf)?;
             parse_http_url(&value).map_err(|e| emerg!(cf, "{}: {}", name, e))
         };
+        let duration = |cf: &mut ngx_conf_t, seconds: bool| -> Result<i64, *mut c_char> {
+            let value = one(cf)?;
+            parse_time(&value, seconds).ok_or_else(|| emerg!(cf, "invalid {} \"{}\"", name, value))
+        };
 
         match name {
             "issuer" => set_once!(block.issuer, url(cf)),
@@ -428,31 +440,9 @@ unsafe extern "C" fn provider_directive(
             }
             "session_zone" => set_once!(block.session_zone, one(cf)),
             "timeout" => {
-                let value = match one(cf) {
-                    Ok(v) => v,
-                    Err(rv) => return rv,
-                };
-                let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
-                // SAFETY: `s` points at a live string.
-                let ms = unsafe { ngx_parse_time(&mut s, 0) };
-                if ms == NGX_ERROR as isize || ms <= 0 {
-                    return emerg!(cf, "invalid timeout \"{}\"", value);
-                }
-                set_once!(block.timeout_ms, Ok::<_, *mut c_char>(ms as u64))
+                set_once!(block.timeout_ms, duration(cf, false).map(|ms| ms as u64))
             }
-            "login_timeout" => {
-                let value = match one(cf) {
-                    Ok(v) => v,
-                    Err(rv) => return rv,
-                };
-                let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
-                // SAFETY: `s` points at a live string.
-                let secs = unsafe { ngx_parse_time(&mut s, 1) };
-                if secs == NGX_ERROR as isize || secs <= 0 {
-                    return emerg!(cf, "invalid login_timeout \"{}\"", value);
-                }
-                set_once!(block.login_timeout, Ok::<_, *mut c_char>(secs as i64))
-            }
+            "login_timeout" => set_once!(block.login_timeout, duration(cf, true)),
             "ca_file" => {
                 let path = match one(cf) {
                     Ok(p) => conf_path(cf, &p),
