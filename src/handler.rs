@@ -275,18 +275,30 @@ fn pass_authenticated(
         }
     }
 
-    let mut ok = true;
-    for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(record.identity.values.iter()) {
-        ok &= http::add_request_header(r, name, value.as_bytes());
-    }
+    // The record moves into the request context, which lives until the request pool is
+    // destroyed: header values point into it instead of being copied.
+    let ctx = ctx_get(r).expect("request ctx");
+    ctx.done = true;
+    let record: *const SessionRecord = ctx.session.insert(record);
+    // SAFETY: the context (and so the record) outlives the request's use of its headers.
+    let record = unsafe { &*record };
     let provider_name = provider.settings.name.as_bytes();
-    ok &= http::add_request_header(r, &META_OUTPOST, OUTPOST_NAME.as_bytes());
-    ok &= http::add_request_header(r, &META_PROVIDER, provider_name);
-    ok &= http::add_request_header(r, &META_APP, provider_name);
-    ok &= http::add_request_header(r, &META_VERSION, OUTPOST_VERSION.as_bytes());
-    if proxy_mode {
-        let host = http::host(r);
-        ok &= http::add_request_header(r, &FORWARDED_HOST, host.as_bytes());
+    let host = http::host_bytes(r);
+
+    let mut ok = true;
+    // SAFETY: every borrowed value lives in the record, the configuration, static memory or
+    // the request's own header memory, all of which outlive the request's headers.
+    unsafe {
+        for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(record.identity.values.iter()) {
+            ok &= http::add_request_header_borrowed(r, name, value.as_bytes());
+        }
+        ok &= http::add_request_header_borrowed(r, &META_OUTPOST, OUTPOST_NAME.as_bytes());
+        ok &= http::add_request_header_borrowed(r, &META_PROVIDER, provider_name);
+        ok &= http::add_request_header_borrowed(r, &META_APP, provider_name);
+        ok &= http::add_request_header_borrowed(r, &META_VERSION, OUTPOST_VERSION.as_bytes());
+        if proxy_mode {
+            ok &= http::add_request_header_borrowed(r, &FORWARDED_HOST, host);
+        }
     }
     for (name, value) in &record.identity.additional {
         ok &= http::add_request_header_dyn(r, name, value.as_bytes());
@@ -296,10 +308,6 @@ fn pass_authenticated(
     if !ok {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
-
-    let ctx = ctx_get(r).expect("request ctx");
-    ctx.session = Some(record);
-    ctx.done = true;
     NGX_DECLINED as ngx_int_t
 }
 

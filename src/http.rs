@@ -97,14 +97,24 @@ impl HeaderName {
     }
 }
 
+/// A header value: copied into the request pool, or borrowed from memory that outlives the
+/// request (configuration, the session record kept in the request context).
+enum Value<'a> {
+    Copy(&'a [u8]),
+    Borrow(&'a [u8]),
+}
+
 fn push_header(
     r: &mut ngx_http_request_t,
     list: *mut nginx_sys::ngx_list_t,
     name: &[u8],
     lowercase: Option<&'static str>,
-    value: &[u8],
+    value: Value<'_>,
 ) -> Option<*mut ngx_table_elt_t> {
-    let value = pool_str(r, value)?;
+    let value = match value {
+        Value::Copy(v) => pool_str(r, v)?,
+        Value::Borrow(v) => ngx_str_t { len: v.len(), data: v.as_ptr() as *mut u8 },
+    };
     let (key, lowcase) = match lowercase {
         Some(lc) => {
             (ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 }, lc.as_ptr() as *mut u8)
@@ -133,22 +143,31 @@ fn push_header(
     Some(elt)
 }
 
-/// Adds a header to the request as the upstream will see it.
-pub fn add_request_header(r: &mut ngx_http_request_t, name: &HeaderName, value: &[u8]) -> bool {
+/// Adds a header to the request as the upstream will see it, without copying `value`.
+///
+/// # Safety
+/// `value` must stay valid and unchanged until the request is freed (static data, the
+/// configuration, or data owned by the request's context).
+pub unsafe fn add_request_header_borrowed(
+    r: &mut ngx_http_request_t,
+    name: &HeaderName,
+    value: &[u8],
+) -> bool {
     let list = &mut r.headers_in.headers as *mut _;
-    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), value).is_some()
+    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), Value::Borrow(value)).is_some()
 }
 
-/// Adds a header whose name is only known at run time (additionalHeaders).
+/// Adds a request header whose name is only known at run time (additionalHeaders); both
+/// name and value are copied.
 pub fn add_request_header_dyn(r: &mut ngx_http_request_t, name: &str, value: &[u8]) -> bool {
     let list = &mut r.headers_in.headers as *mut _;
-    push_header(r, list, name.as_bytes(), None, value).is_some()
+    push_header(r, list, name.as_bytes(), None, Value::Copy(value)).is_some()
 }
 
-/// Adds a response header.
+/// Adds a response header (the value is copied).
 pub fn add_response_header(r: &mut ngx_http_request_t, name: &HeaderName, value: &[u8]) -> bool {
     let list = &mut r.headers_out.headers as *mut _;
-    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), value).is_some()
+    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), Value::Copy(value)).is_some()
 }
 
 /// Removes every request header for which `doomed(name, value)` holds from the list the
@@ -261,9 +280,13 @@ pub const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "ww
 /// Sets `Location` (the caller then answers with a 3xx status).
 pub fn set_location(r: &mut ngx_http_request_t, url: &str) -> bool {
     let list = &mut r.headers_out.headers as *mut _;
-    let Some(elt) =
-        push_header(r, list, LOCATION.name.as_bytes(), Some(LOCATION.lowercase), url.as_bytes())
-    else {
+    let Some(elt) = push_header(
+        r,
+        list,
+        LOCATION.name.as_bytes(),
+        Some(LOCATION.lowercase),
+        Value::Copy(url.as_bytes()),
+    ) else {
         return false;
     };
     r.headers_out.location = elt;
@@ -322,6 +345,12 @@ pub fn scheme(r: &ngx_http_request_t) -> &'static str {
     } else {
         "https"
     }
+}
+
+/// The `Host` header as the client sent it (nginx validated its syntax), else the server name
+/// nginx selected; request memory, valid as long as the request.
+pub fn host_bytes<'a>(r: &ngx_http_request_t) -> &'a [u8] {
+    request_header(r, b"host").unwrap_or_else(|| str_bytes(&r.headers_in.server))
 }
 
 /// The request's `Host` with its port, as the client sent it, if it looks like a host;
