@@ -17,7 +17,7 @@ use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
 use authentik_core::page::error_page;
 use authentik_core::redirect::validate_return_to;
 use authentik_core::request::{decode_query_value, encode_query_value, is_navigation, query_arg};
-use authentik_core::session::{SessionId, SessionRecord};
+use authentik_core::session::{SessionId, SessionRecord, SessionView};
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
     ngx_http_request_t, ngx_int_t, ngx_pool_cleanup_add, ngx_pool_cleanup_t, NGX_AGAIN,
@@ -73,8 +73,9 @@ enum Resume {
 /// after an internal redirect, which clears `r->ctx`.
 #[derive(Default)]
 pub struct RequestCtx {
-    /// The session, when the request is authenticated (variables read it).
-    pub session: Option<SessionRecord>,
+    /// The session, when the request is authenticated (variables read it); its bytes live in
+    /// the request pool.
+    pub session: Option<SessionView<'static>>,
     /// Identity headers are in place; later passes (internal redirects) keep them.
     done: bool,
     resume: Option<Resume>,
@@ -201,28 +202,35 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         return resume_after_task(r, provider, zone, resume, outcome);
     }
 
-    // Client-sent identity headers never reach the upstream, authenticated or not.
-    if !http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[])) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    }
-
     let uri = http::bytes_of(&r.uri);
-    if let Some(endpoint) = uri.strip_prefix(OUTPOST_PREFIX) {
-        return outpost_endpoint(r, provider, zone, endpoint);
-    }
     let args = http::bytes_of(&r.args);
-    if !args.is_empty()
+    let endpoint = uri.strip_prefix(OUTPOST_PREFIX);
+    let is_callback = endpoint.is_none()
+        && !args.is_empty()
         && query_arg(args, b"X-authentik-auth-callback")
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
-    {
-        return callback(r, provider, zone);
-    }
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
 
     let cookie = session_cookie(r, provider);
-    if let Some(id) = cookie.as_ref().and_then(|v| SessionId::from_cookie_value(v)) {
-        if let Some(record) = find_session(zone, &id) {
-            return pass_authenticated(r, provider, record);
+    let session = match (endpoint, is_callback) {
+        (None, false) => {
+            cookie.and_then(SessionId::from_cookie_value).and_then(|id| find_session(r, zone, &id))
         }
+        _ => None,
+    };
+
+    // Client-sent identity headers never reach the upstream, authenticated or not; nor, when
+    // the module sets them, client copies of X-Forwarded-Host and additionalHeaders.
+    if !remove_forged_headers(r, provider, session.as_ref()) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    }
+    if let Some(endpoint) = endpoint {
+        return outpost_endpoint(r, provider, zone, endpoint);
+    }
+    if is_callback {
+        return callback(r, provider, zone);
+    }
+    if let Some(session) = session {
+        return pass_authenticated(r, provider, session);
     }
     let stale_cookie = cookie.is_some();
 
@@ -248,9 +256,53 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     start_login(r, provider, zone, return_to, stale_cookie)
 }
 
-fn find_session(zone: &SessionZone, id: &SessionId) -> Option<SessionRecord> {
-    let bytes = zone.lookup(id, now())?;
-    SessionRecord::decode(&bytes).ok()
+/// The session's record, copied from the zone into the request pool and viewed in place.
+/// `'static` stands for "as long as the request": the bytes are freed with the request pool.
+fn find_session(
+    r: &ngx_http_request_t,
+    zone: &SessionZone,
+    id: &SessionId,
+) -> Option<SessionView<'static>> {
+    SessionView::parse(session_bytes(r, zone, id)?)
+}
+
+/// The session's encoded record, copied into the request pool.
+fn session_bytes(
+    r: &ngx_http_request_t,
+    zone: &SessionZone,
+    id: &SessionId,
+) -> Option<&'static [u8]> {
+    let pool = r.pool;
+    zone.lookup(id, now(), |len| {
+        // SAFETY: allocates from the request pool; nginx frees it with the request.
+        let p = unsafe { nginx_sys::ngx_pnalloc(pool, len.max(1)) } as *mut u8;
+        // SAFETY: `p` has room for `len` bytes and is exclusively ours.
+        (!p.is_null()).then(|| unsafe { core::slice::from_raw_parts_mut(p, len) })
+    })
+}
+
+/// Removes forged identity headers (see `access`).
+fn remove_forged_headers(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    session: Option<&SessionView<'static>>,
+) -> bool {
+    let Some(session) = session else {
+        return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[]));
+    };
+    let proxy_mode = provider.settings.mode == Mode::Proxy;
+    let mut extra: Vec<String> = Vec::new();
+    for (name, _) in session.additional() {
+        extra.push(String::from_utf8_lossy(name).to_ascii_lowercase());
+    }
+    if proxy_mode {
+        extra.push("x-forwarded-host".to_string());
+    }
+    if extra.is_empty() {
+        return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[]));
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &extra))
 }
 
 /* authenticated requests */
@@ -258,56 +310,38 @@ fn find_session(zone: &SessionZone, id: &SessionId) -> Option<SessionRecord> {
 fn pass_authenticated(
     r: &mut ngx_http_request_t,
     provider: &Provider,
-    record: SessionRecord,
+    session: SessionView<'static>,
 ) -> ngx_int_t {
-    let proxy_mode = provider.settings.mode == Mode::Proxy;
-    if proxy_mode || !record.identity.additional.is_empty() {
-        let extra: Vec<String> = record
-            .identity
-            .additional
-            .iter()
-            .map(|(name, _)| name.to_ascii_lowercase())
-            .chain(proxy_mode.then(|| "x-forwarded-host".to_string()))
-            .collect();
-        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        if !http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &extra)) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-        }
-    }
-
-    // The record moves into the request context, which lives until the request pool is
-    // destroyed: header values point into it instead of being copied.
-    let ctx = ctx_get(r).expect("request ctx");
-    ctx.done = true;
-    let record: *const SessionRecord = ctx.session.insert(record);
-    // SAFETY: the context (and so the record) outlives the request's use of its headers.
-    let record = unsafe { &*record };
     let provider_name = provider.settings.name.as_bytes();
     let host = http::host_bytes(r);
 
     let mut ok = true;
-    // SAFETY: every borrowed value lives in the record, the configuration, static memory or
-    // the request's own header memory, all of which outlive the request's headers.
+    // SAFETY: every borrowed value lives in the request pool (the session's bytes, the request's
+    // own headers), the configuration or static memory, all of which outlive the request's
+    // headers.
     unsafe {
-        for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(record.identity.values.iter()) {
-            ok &= http::add_request_header_borrowed(r, name, value.as_bytes());
+        for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(session.values.iter()) {
+            ok &= http::add_request_header_borrowed(r, name, value);
         }
         ok &= http::add_request_header_borrowed(r, &META_OUTPOST, OUTPOST_NAME.as_bytes());
         ok &= http::add_request_header_borrowed(r, &META_PROVIDER, provider_name);
         ok &= http::add_request_header_borrowed(r, &META_APP, provider_name);
         ok &= http::add_request_header_borrowed(r, &META_VERSION, OUTPOST_VERSION.as_bytes());
-        if proxy_mode {
+        if provider.settings.mode == Mode::Proxy {
             ok &= http::add_request_header_borrowed(r, &FORWARDED_HOST, host);
         }
     }
-    for (name, value) in &record.identity.additional {
-        ok &= http::add_request_header_dyn(r, name, value.as_bytes());
+    for (name, value) in session.additional() {
+        ok &= http::add_request_header_dyn(r, name, value);
     }
     let name = provider.cookie_name.as_bytes();
     ok &= http::rewrite_cookie_headers(r, |value| cookie::remove_cookie(value, name));
     if !ok {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
+    let ctx = ctx_get(r).expect("request ctx");
+    ctx.session = Some(session);
+    ctx.done = true;
     NGX_DECLINED as ngx_int_t
 }
 
@@ -445,11 +479,11 @@ fn callback(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone)
 
 fn sign_out(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
     let record = session_cookie(r, provider)
-        .and_then(|v| SessionId::from_cookie_value(&v))
-        .and_then(|id| find_session(zone, &id));
-    let id_token = record.as_ref().map(|rec| rec.id_token.clone());
+        .and_then(SessionId::from_cookie_value)
+        .and_then(|id| find_session(r, zone, &id));
+    let id_token = record.map(|rec| String::from_utf8_lossy(rec.logout_hint()).into_owned());
     if let Some(rec) = &record {
-        zone.remove_by_sub(&rec.sub);
+        zone.remove_by_sub(&String::from_utf8_lossy(rec.sub));
     }
     expire_session_cookie(r, provider);
     if record.is_none() {
@@ -658,11 +692,9 @@ fn log_error(r: &mut ngx_http_request_t, level: u32, msg: &str, action: &str) {
 
 /* cookies */
 
-fn session_cookie(r: &ngx_http_request_t, provider: &Provider) -> Option<Vec<u8>> {
+fn session_cookie<'a>(r: &ngx_http_request_t, provider: &Provider) -> Option<&'a [u8]> {
     let name = provider.cookie_name.as_bytes();
-    http::request_headers(r, b"cookie")
-        .find_map(|h| cookie::find_cookie(h, name))
-        .map(<[u8]>::to_vec)
+    http::request_headers(r, b"cookie").find_map(|h| cookie::find_cookie(h, name))
 }
 
 fn session_cookie_attributes<'a>(
@@ -743,8 +775,9 @@ fn unauth_subject(r: &ngx_http_request_t, provider: &Provider) -> String {
 #[cfg(feature = "bench")]
 fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
     let Some(record) = session_cookie(r, provider)
-        .and_then(|v| SessionId::from_cookie_value(&v))
-        .and_then(|id| find_session(zone, &id))
+        .and_then(SessionId::from_cookie_value)
+        .and_then(|id| session_bytes(r, zone, &id))
+        .and_then(|bytes| SessionRecord::decode(bytes).ok())
     else {
         return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
     };

@@ -159,9 +159,9 @@ pub unsafe fn add_request_header_borrowed(
 
 /// Adds a request header whose name is only known at run time (additionalHeaders); both
 /// name and value are copied.
-pub fn add_request_header_dyn(r: &mut ngx_http_request_t, name: &str, value: &[u8]) -> bool {
+pub fn add_request_header_dyn(r: &mut ngx_http_request_t, name: &[u8], value: &[u8]) -> bool {
     let list = &mut r.headers_in.headers as *mut _;
-    push_header(r, list, name.as_bytes(), None, Value::Copy(value)).is_some()
+    push_header(r, list, name, None, Value::Copy(value)).is_some()
 }
 
 /// Adds a response header (the value is copied).

@@ -79,8 +79,8 @@ unsafe extern "C" fn identity_variable(
     let value = catch_unwind(AssertUnwindSafe(|| {
         let ctx = ctx_get(r)?;
         let record = ctx.session.as_ref()?;
-        let value = record.identity.values.get(data)?;
-        // Points into the session record, which lives as long as the request.
+        let value = record.values.get(data)?;
+        // Points into the session's bytes in the request pool.
         Some(ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 })
     }));
     set_value(v, value.ok().flatten());

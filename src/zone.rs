@@ -242,8 +242,14 @@ impl SessionZone {
 
     /* sessions */
 
-    /// The session's record bytes, if the session exists and has not expired; marks it used.
-    pub fn lookup(&self, id: &SessionId, now: UnixTime) -> Option<Vec<u8>> {
+    /// Copies the session's record bytes into memory from `alloc` (called under the lock, must
+    /// not block), if the session exists and has not expired; marks it used.
+    pub fn lookup<'a>(
+        &self,
+        id: &SessionId,
+        now: UnixTime,
+        alloc: impl FnOnce(usize) -> Option<&'a mut [u8]>,
+    ) -> Option<&'a [u8]> {
         let mut lock = self.lock();
         let h = self.header(&mut lock);
         let entry = find(&mut h.sessions, id.key())?;
@@ -261,7 +267,10 @@ impl SessionZone {
             ngx_queue_remove(&mut e.lru);
             ngx_queue_insert_after(&mut h.lru, &mut e.lru);
         }
-        Some(entry_data(entry).to_vec())
+        let data = entry_data(entry);
+        let out = alloc(data.len())?;
+        out.copy_from_slice(data);
+        Some(out)
     }
 
     /// Stores a new session; evicts expired and then least recently used sessions for room.

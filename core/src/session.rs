@@ -188,17 +188,179 @@ impl SessionRecord {
     /// booleans in JSON form, arrays of strings joined with `|`, other values as compact JSON,
     /// null/absent as `None`.
     pub fn claim(&self, name: &str) -> Option<String> {
-        let claims: Map<String, Value> = serde_json::from_str(&self.claims_json).ok()?;
-        let text = match claims.get(name)? {
-            Value::Null => return None,
-            Value::String(s) => s.clone(),
-            Value::Array(items) => match strings_of(items) {
-                Some(strings) => strings.join("|"),
-                None => Value::Array(items.clone()).to_string(),
-            },
-            other => other.to_string(),
-        };
-        Some(crate::identity::strip_control(&text))
+        let values = self.identity.values.each_ref().map(|v| v.as_bytes());
+        claim_of(self.claims_json.as_bytes(), &values, name)
+    }
+
+    /// What sign-out sends as `id_token_hint`: the id_token, or the access token when the
+    /// id_token was not kept (see [`SessionRecord::compact`]).
+    pub fn logout_hint(&self) -> &str {
+        if self.id_token.is_empty() {
+            &self.identity.values[6]
+        } else {
+            &self.id_token
+        }
+    }
+
+    /// Shrinks the record before it goes to shared memory, without losing anything the module
+    /// reads back:
+    /// - claims whose header value already holds them exactly (`preferred_username`, `groups`,
+    ///   `entitlements`, `email`, `name`, `sub`) are dropped from `claims_json`;
+    ///   [`SessionRecord::claim`] answers them from the identity values;
+    /// - the id_token is dropped when the access token can stand in for it as `id_token_hint`:
+    ///   a JWT for this client (`aud`) with the id_token's `iss` and `sub`, as authentik issues
+    ///   (authentik's own outpost sends the access token as the hint).
+    pub fn compact(&mut self, client_id: &str) {
+        if let Ok(Value::Object(mut claims)) = serde_json::from_str::<Value>(&self.claims_json) {
+            for (key, index) in DEDUPLICATED_CLAIMS {
+                let same = claims
+                    .get(key)
+                    .and_then(render_claim)
+                    .is_some_and(|text| text == self.identity.values[index] && !text.is_empty());
+                if same {
+                    claims.remove(key);
+                }
+            }
+            self.claims_json = Value::Object(claims).to_string();
+        }
+        if access_token_is_id_hint(&self.identity.values[6], &self.id_token, client_id) {
+            self.id_token.clear();
+        }
+    }
+}
+
+/// Claims that [`SessionRecord::compact`] may drop, with the identity value that holds them.
+const DEDUPLICATED_CLAIMS: [(&str, usize); 6] = [
+    ("preferred_username", 0),
+    ("groups", 1),
+    ("entitlements", 2),
+    ("email", 3),
+    ("name", 4),
+    ("sub", 5),
+];
+
+/// A claim as a header-safe string (see [`SessionRecord::claim`]); `None` for null.
+fn render_claim(value: &Value) -> Option<String> {
+    let text = match value {
+        Value::Null => return None,
+        Value::String(s) => s.clone(),
+        Value::Array(items) => match strings_of(items) {
+            Some(strings) => strings.join("|"),
+            None => Value::Array(items.clone()).to_string(),
+        },
+        other => other.to_string(),
+    };
+    Some(crate::identity::strip_control(&text))
+}
+
+/// Claim `name` from a record's claims JSON, or from the identity values for the claims
+/// `compact` dropped. Identity values come from those same claims (`Identity::from_claims`), so
+/// a non-empty value means the claim existed with exactly that rendering.
+fn claim_of(claims_json: &[u8], values: &[&[u8]; 7], name: &str) -> Option<String> {
+    let claims: Map<String, Value> = serde_json::from_slice(claims_json).ok()?;
+    if let Some(value) = claims.get(name) {
+        return render_claim(value);
+    }
+    let (_, index) = DEDUPLICATED_CLAIMS.iter().find(|(key, _)| *key == name)?;
+    let value = values[*index];
+    (!value.is_empty()).then(|| String::from_utf8_lossy(value).into_owned())
+}
+
+/// The payload of a compact JWT as JSON, without verifying anything.
+fn jwt_payload(token: &str) -> Option<Map<String, Value>> {
+    let mut parts = token.split('.');
+    let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+fn access_token_is_id_hint(access_token: &str, id_token: &str, client_id: &str) -> bool {
+    let (Some(access), Some(id)) = (jwt_payload(access_token), jwt_payload(id_token)) else {
+        return false;
+    };
+    let same = |key: &str| access.get(key).is_some() && access.get(key) == id.get(key);
+    let for_client = match access.get("aud") {
+        Some(Value::String(aud)) => aud == client_id,
+        Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(client_id)),
+        _ => false,
+    };
+    same("iss") && same("sub") && for_client
+}
+
+/// A zero-copy view of an encoded record for the per-request path: no allocation and no
+/// UTF-8 check (records in shared memory are only ever written by [`SessionRecord::encode`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionView<'a> {
+    pub expires_at: UnixTime,
+    pub sub: &'a [u8],
+    /// Identity header values, in the order of [`crate::identity::IDENTITY_HEADERS`].
+    pub values: [&'a [u8]; 7],
+    additional: &'a [u8],
+    additional_count: u32,
+    pub id_token: &'a [u8],
+    pub claims_json: &'a [u8],
+}
+
+impl<'a> SessionView<'a> {
+    /// Never panics on any input.
+    pub fn parse(bytes: &'a [u8]) -> Option<SessionView<'a>> {
+        let mut reader = Reader::new(bytes);
+        if reader.u8().ok()? != RECORD_VERSION {
+            return None;
+        }
+        let expires_at = reader.i64().ok()?;
+        let sub = reader.bytes().ok()?;
+        if reader.u8().ok()? == 1 {
+            reader.bytes().ok()?;
+        }
+        let mut values: [&[u8]; 7] = [&[]; 7];
+        for value in &mut values {
+            *value = reader.bytes().ok()?;
+        }
+        let additional_count = reader.u32().ok()?;
+        let start = bytes.len() - reader.remaining();
+        for _ in 0..additional_count {
+            reader.bytes().ok()?;
+            reader.bytes().ok()?;
+        }
+        let additional = &bytes[start..bytes.len() - reader.remaining()];
+        let id_token = reader.bytes().ok()?;
+        let claims_json = reader.bytes().ok()?;
+        reader.is_empty().then_some(SessionView {
+            expires_at,
+            sub,
+            values,
+            additional,
+            additional_count,
+            id_token,
+            claims_json,
+        })
+    }
+
+    /// `additionalHeaders` (name, value) pairs.
+    pub fn additional(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        let mut reader = Reader::new(self.additional);
+        (0..self.additional_count)
+            .map_while(move |_| Some((reader.bytes().ok()?, reader.bytes().ok()?)))
+    }
+
+    /// Same as [`SessionRecord::claim`].
+    pub fn claim(&self, name: &str) -> Option<String> {
+        claim_of(self.claims_json, &self.values, name)
+    }
+
+    /// Same as [`SessionRecord::logout_hint`].
+    pub fn logout_hint(&self) -> &'a [u8] {
+        if self.id_token.is_empty() {
+            self.values[6]
+        } else {
+            self.id_token
+        }
     }
 }
 
@@ -289,6 +451,77 @@ mod tests {
         let printed = format!("{id:?}");
         assert_eq!(printed, "SessionId(abab..)");
         assert!(!printed.contains(&id.to_cookie_value()));
+    }
+
+    #[test]
+    fn view_reads_what_decode_reads() {
+        let record = sample_record();
+        let bytes = record.encode();
+        let view = SessionView::parse(&bytes).expect("view");
+        assert_eq!(view.expires_at, record.expires_at);
+        assert_eq!(view.sub, record.sub.as_bytes());
+        for (v, r) in view.values.iter().zip(record.identity.values.iter()) {
+            assert_eq!(*v, r.as_bytes());
+        }
+        let additional: Vec<_> = view.additional().collect();
+        assert_eq!(additional, vec![(&b"X-Team"[..], &b"blue"[..]), (&b"X-Id"[..], &b"7"[..])]);
+        assert_eq!(view.id_token, record.id_token.as_bytes());
+        assert_eq!(view.claim("age"), record.claim("age"));
+        assert_eq!(view.logout_hint(), b"eyJ.id.token");
+        for cut in 0..bytes.len() {
+            assert!(SessionView::parse(&bytes[..cut]).is_none(), "prefix {cut}");
+        }
+    }
+
+    fn jwt(payload: &str) -> String {
+        format!("eyJhbGciOiJIUzI1NiJ9.{}.c2ln", URL_SAFE_NO_PAD.encode(payload))
+    }
+
+    #[test]
+    fn compact_drops_duplicated_claims_and_keeps_answers() {
+        let mut record = sample_record();
+        // As Identity::from_claims builds them: every non-empty identity value comes from its
+        // claim (here `email` deliberately differs, as if set by another mapping).
+        record.claims_json = r#"{"sub":"user-sub-1","preferred_username":"akadmin","groups":["admins","users"],"email":"other@example.com","name":"Admin Istrator","age":42}"#.into();
+        let before: Vec<_> =
+            ["sub", "preferred_username", "groups", "email", "age", "name", "entitlements"]
+                .iter()
+                .map(|n| record.claim(n))
+                .collect();
+        record.compact("client");
+        let claims: Map<String, Value> = serde_json::from_str(&record.claims_json).unwrap();
+        assert!(!claims.contains_key("groups") && !claims.contains_key("sub"));
+        // differs from the header value (root@example.com): kept
+        assert_eq!(claims.get("email"), Some(&Value::String("other@example.com".into())));
+        let after: Vec<_> =
+            ["sub", "preferred_username", "groups", "email", "age", "name", "entitlements"]
+                .iter()
+                .map(|n| record.claim(n))
+                .collect();
+        assert_eq!(before, after);
+        assert_eq!(after[6], None, "an empty identity value answers no claim");
+    }
+
+    #[test]
+    fn compact_keeps_the_id_token_unless_the_access_token_can_be_the_hint() {
+        let id = jwt(r#"{"iss":"https://ak","sub":"u1","aud":"client","nonce":"n"}"#);
+        let mut record = sample_record();
+        record.id_token = id.clone();
+        record.identity.values[6] = "opaque-access-token".into();
+        record.compact("client");
+        assert_eq!(record.id_token, id);
+        assert_eq!(record.logout_hint(), id);
+
+        let access = jwt(r#"{"iss":"https://ak","sub":"u1","aud":"client","scope":"openid"}"#);
+        record.identity.values[6] = access.clone();
+        let mut other = record.clone();
+        other.compact("another-client");
+        assert_eq!(other.id_token, id, "access token for another audience is no hint");
+        record.compact("client");
+        assert!(record.id_token.is_empty());
+        assert_eq!(record.logout_hint(), access);
+        let bytes = record.encode();
+        assert_eq!(SessionView::parse(&bytes).unwrap().logout_hint(), access.as_bytes());
     }
 
     #[test]

@@ -81,6 +81,12 @@ impl<'a> Reader<'a> {
         Ok(i64::from_le_bytes(self.take_array()?))
     }
 
+    /// A length-prefixed field as raw bytes (no UTF-8 check).
+    pub(crate) fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let len = usize::try_from(self.u32()?).map_err(|_| WireError::Truncated)?;
+        self.take(len)
+    }
+
     pub(crate) fn str(&mut self) -> Result<&'a str, WireError> {
         let len = usize::try_from(self.u32()?).map_err(|_| WireError::Truncated)?;
         let bytes = self.take(len)?;

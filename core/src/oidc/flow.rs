@@ -156,14 +156,16 @@ pub fn complete_login(
         claims.extend(userinfo);
     }
     let expires_at = session_expiry(&tokens, &id_claims, max_lifetime, now);
-    Ok(SessionRecord {
+    let mut record = SessionRecord {
         sub: string_claim(&id_claims, "sub").unwrap_or_default(),
         sid: string_claim(&id_claims, "sid"),
         expires_at,
         identity: Identity::from_claims(&claims, &tokens.access_token),
         id_token: tokens.id_token,
         claims_json: Value::Object(claims).to_string(),
-    })
+    };
+    record.compact(&settings.client_id);
+    Ok(record)
 }
 
 /// The id_token's claims after full validation, with the JWKS from the cache when the token is
