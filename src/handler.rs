@@ -290,16 +290,18 @@ fn remove_forged_headers(
     let Some(session) = session else {
         return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[]));
     };
+    const PROXY_EXTRA: &[&str] = &["x-forwarded-host"];
     let proxy_mode = provider.settings.mode == Mode::Proxy;
+    if session.additional().next().is_none() {
+        let extra = if proxy_mode { PROXY_EXTRA } else { &[] };
+        return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, extra));
+    }
     let mut extra: Vec<String> = Vec::new();
     for (name, _) in session.additional() {
         extra.push(String::from_utf8_lossy(name).to_ascii_lowercase());
     }
     if proxy_mode {
         extra.push("x-forwarded-host".to_string());
-    }
-    if extra.is_empty() {
-        return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[]));
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &extra))

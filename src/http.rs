@@ -13,8 +13,14 @@ use nginx_sys::{
 };
 
 /// nginx's `ngx_hash()` over a lowercase header name: what `proxy_set_header` matching expects.
-pub fn header_hash(lowercase: &[u8]) -> ngx_uint_t {
-    lowercase.iter().fold(0 as ngx_uint_t, |h, &c| h.wrapping_mul(31).wrapping_add(c as ngx_uint_t))
+pub const fn header_hash(lowercase: &[u8]) -> ngx_uint_t {
+    let mut h: ngx_uint_t = 0;
+    let mut i = 0;
+    while i < lowercase.len() {
+        h = h.wrapping_mul(31).wrapping_add(lowercase[i] as ngx_uint_t);
+        i += 1;
+    }
+    h
 }
 
 /// Every element of an `ngx_list_t` of headers, including neutralised ones (`hash == 0`).
@@ -89,12 +95,21 @@ pub fn pool_str(r: &ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
 pub struct HeaderName {
     pub name: &'static str,
     pub lowercase: &'static str,
+    hash: ngx_uint_t,
 }
 
 impl HeaderName {
     pub const fn new(name: &'static str, lowercase: &'static str) -> HeaderName {
-        HeaderName { name, lowercase }
+        assert!(name.len() == lowercase.len());
+        HeaderName { name, lowercase, hash: header_hash(lowercase.as_bytes()) }
     }
+}
+
+/// The name of a header being added.
+enum Key<'a> {
+    Known(&'a HeaderName),
+    /// Known only at run time (additionalHeaders): copied and lowercased into the pool.
+    Dynamic(&'a [u8]),
 }
 
 /// A header value: copied into the request pool, or borrowed from memory that outlives the
@@ -107,26 +122,26 @@ enum Value<'a> {
 fn push_header(
     r: &mut ngx_http_request_t,
     list: *mut nginx_sys::ngx_list_t,
-    name: &[u8],
-    lowercase: Option<&'static str>,
+    name: Key<'_>,
     value: Value<'_>,
 ) -> Option<*mut ngx_table_elt_t> {
     let value = match value {
         Value::Copy(v) => pool_str(r, v)?,
         Value::Borrow(v) => ngx_str_t { len: v.len(), data: v.as_ptr() as *mut u8 },
     };
-    let (key, lowcase) = match lowercase {
-        Some(lc) => {
-            (ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 }, lc.as_ptr() as *mut u8)
-        }
-        None => {
+    let (key, lowcase, hash) = match name {
+        Key::Known(h) => (
+            ngx_str_t { len: h.name.len(), data: h.name.as_ptr() as *mut u8 },
+            h.lowercase.as_ptr() as *mut u8,
+            h.hash,
+        ),
+        Key::Dynamic(name) => {
+            let lowercase = name.to_ascii_lowercase();
             let key = pool_str(r, name)?;
-            let lc = pool_str(r, &name.to_ascii_lowercase())?;
-            (key, lc.data)
+            let lc = pool_str(r, &lowercase)?;
+            (key, lc.data, header_hash(&lowercase))
         }
     };
-    // SAFETY: lowcase points at key.len bytes.
-    let lc_bytes = unsafe { core::slice::from_raw_parts(lowcase, key.len) };
     // SAFETY: pushes onto a live header list of this request.
     let elt = unsafe { ngx_list_push(list) } as *mut ngx_table_elt_t;
     if elt.is_null() {
@@ -135,7 +150,7 @@ fn push_header(
     // SAFETY: `elt` is a fresh, uninitialised list element; every field is written.
     unsafe {
         ptr::write_bytes(elt, 0, 1);
-        (*elt).hash = header_hash(lc_bytes);
+        (*elt).hash = hash;
         (*elt).key = key;
         (*elt).value = value;
         (*elt).lowcase_key = lowcase;
@@ -154,20 +169,20 @@ pub unsafe fn add_request_header_borrowed(
     value: &[u8],
 ) -> bool {
     let list = &mut r.headers_in.headers as *mut _;
-    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), Value::Borrow(value)).is_some()
+    push_header(r, list, Key::Known(name), Value::Borrow(value)).is_some()
 }
 
 /// Adds a request header whose name is only known at run time (additionalHeaders); both
 /// name and value are copied.
 pub fn add_request_header_dyn(r: &mut ngx_http_request_t, name: &[u8], value: &[u8]) -> bool {
     let list = &mut r.headers_in.headers as *mut _;
-    push_header(r, list, name, None, Value::Copy(value)).is_some()
+    push_header(r, list, Key::Dynamic(name), Value::Copy(value)).is_some()
 }
 
 /// Adds a response header (the value is copied).
 pub fn add_response_header(r: &mut ngx_http_request_t, name: &HeaderName, value: &[u8]) -> bool {
     let list = &mut r.headers_out.headers as *mut _;
-    push_header(r, list, name.name.as_bytes(), Some(name.lowercase), Value::Copy(value)).is_some()
+    push_header(r, list, Key::Known(name), Value::Copy(value)).is_some()
 }
 
 /// Removes every request header for which `doomed(name, value)` holds from the list the
@@ -255,6 +270,7 @@ pub fn rewrite_cookie_headers(
     r: &mut ngx_http_request_t,
     rewrite: impl Fn(&[u8]) -> Option<Vec<u8>>,
 ) -> bool {
+    let mut emptied = false;
     for elt in header_elts(&r.headers_in.headers) {
         // SAFETY: elements of the request's header list, modified in place.
         let h = unsafe { &mut *elt };
@@ -262,8 +278,12 @@ pub fn rewrite_cookie_headers(
             continue;
         }
         let Some(new) = rewrite(str_bytes(&h.value)) else { continue };
+        emptied |= new.is_empty();
         let Some(value) = pool_str(r, &new) else { return false };
         h.value = value;
+    }
+    if !emptied {
+        return true;
     }
     // A `Cookie` header left empty is removed (its element keeps the empty value for the
     // typed pointers nginx holds).
@@ -280,13 +300,7 @@ pub const WWW_AUTHENTICATE: HeaderName = HeaderName::new("WWW-Authenticate", "ww
 /// Sets `Location` (the caller then answers with a 3xx status).
 pub fn set_location(r: &mut ngx_http_request_t, url: &str) -> bool {
     let list = &mut r.headers_out.headers as *mut _;
-    let Some(elt) = push_header(
-        r,
-        list,
-        LOCATION.name.as_bytes(),
-        Some(LOCATION.lowercase),
-        Value::Copy(url.as_bytes()),
-    ) else {
+    let Some(elt) = push_header(r, list, Key::Known(&LOCATION), Value::Copy(url.as_bytes())) else {
         return false;
     };
     r.headers_out.location = elt;
