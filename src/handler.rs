@@ -12,7 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use authentik_core::config::Mode;
 use authentik_core::cookie::{self, CookieAttributes};
-use authentik_core::identity::{is_forged_identity_header, IDENTITY_HEADERS};
+use authentik_core::identity::{header_names_equal, is_forged_identity_header, IDENTITY_HEADERS};
 use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
 use authentik_core::page::error_page;
 use authentik_core::redirect::validate_return_to;
@@ -290,21 +290,12 @@ fn remove_forged_headers(
     let Some(session) = session else {
         return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &[]));
     };
-    const PROXY_EXTRA: &[&str] = &["x-forwarded-host"];
-    let proxy_mode = provider.settings.mode == Mode::Proxy;
-    if session.additional().next().is_none() {
-        let extra = if proxy_mode { PROXY_EXTRA } else { &[] };
-        return http::remove_request_headers(r, |name, _| is_forged_identity_header(name, extra));
-    }
-    let mut extra: Vec<String> = Vec::new();
-    for (name, _) in session.additional() {
-        extra.push(String::from_utf8_lossy(name).to_ascii_lowercase());
-    }
-    if proxy_mode {
-        extra.push("x-forwarded-host".to_string());
-    }
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    http::remove_request_headers(r, |name, _| is_forged_identity_header(name, &extra))
+    let extra: &[&str] =
+        if provider.settings.mode == Mode::Proxy { &["x-forwarded-host"] } else { &[] };
+    http::remove_request_headers(r, |name, _| {
+        is_forged_identity_header(name, extra)
+            || session.additional().any(|(own, _)| header_names_equal(own, name))
+    })
 }
 
 /* authenticated requests */

@@ -61,7 +61,7 @@ pub fn is_forged_identity_header(name: &[u8], extra: &[&str]) -> bool {
 
 /// Case-insensitive comparison of two header names, reading `_` as `-` (nginx passes
 /// `underscores_in_headers` names through, and many upstreams treat both alike).
-fn header_names_equal(a: &[u8], b: &[u8]) -> bool {
+pub fn header_names_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| fold_name_byte(x) == fold_name_byte(y))
 }
 
