@@ -59,7 +59,7 @@ e2e: module module-vendored deb docker-image
 	@.ci/deps.sh test
 	$(BUILD)/venv/bin/python -m pytest -n 2 t/
 
-# .ci/run runs these one by one (make print-TEST_STAGES) to time and report each.
+# `make test` is the README's test command; .ci/run calls it (with -k).
 TEST_STAGES := check unittest e2e bench-smoke
 test: $(TEST_STAGES)
 
