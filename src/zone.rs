@@ -76,6 +76,10 @@ struct Entry {
     len: u32,
 }
 
+// A typical authentik session record is at most 2048 - 144 bytes (see the core test
+// `typical_authentik_session_fits_a_2k_slot`), so with this header it takes one 2 KB slab slot.
+const _: () = assert!(size_of::<Entry>() <= 144);
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ZoneError {
     #[error("session zone \"{0}\" has no room for this record")]

@@ -101,7 +101,8 @@ impl SessionRecord {
         let mut out = Vec::with_capacity(self.encoded_len());
         wire::put_u8(&mut out, RECORD_VERSION);
         wire::put_i64(&mut out, self.expires_at);
-        wire::put_str(&mut out, &self.sub);
+        // `sub` is also the `X-authentik-uid` value: stored once.
+        wire::put_str(&mut out, if self.sub == self.identity.values[5] { "" } else { &self.sub });
         match &self.sid {
             Some(sid) => {
                 wire::put_u8(&mut out, 1);
@@ -132,7 +133,7 @@ impl SessionRecord {
             .map(|(n, v)| wire::str_size(n) + wire::str_size(v))
             .sum();
         1 + 8
-            + wire::str_size(&self.sub)
+            + wire::str_size(if self.sub == self.identity.values[5] { "" } else { &self.sub })
             + 1
             + sid
             + identity
@@ -170,12 +171,14 @@ impl SessionRecord {
             // Bytes after the last field: the record's length does not match its content.
             return Err(RecordError::Truncated);
         }
-        Ok(SessionRecord { sub: sub.to_owned(), sid, expires_at, identity, id_token, claims_json })
+        let sub = if sub.is_empty() { identity.values[5].clone() } else { sub.to_owned() };
+        Ok(SessionRecord { sub, sid, expires_at, identity, id_token, claims_json })
     }
 
     /// Reads only `expires_at` and `sub` without decoding the rest (used under the zone lock).
     pub fn peek_sub(bytes: &[u8]) -> Option<&str> {
-        read_header(&mut Reader::new(bytes)).ok().map(|(_, sub)| sub)
+        let view = SessionView::parse(bytes)?;
+        core::str::from_utf8(view.sub).ok()
     }
 
     /// Reads only `expires_at`, without decoding the rest; `None` for a record this version
@@ -189,7 +192,7 @@ impl SessionRecord {
     /// null/absent as `None`.
     pub fn claim(&self, name: &str) -> Option<String> {
         let values = self.identity.values.each_ref().map(|v| v.as_bytes());
-        claim_of(self.claims_json.as_bytes(), &values, name)
+        claim_of(self.claims_json.as_bytes(), &values, self.sid.as_deref().map(str::as_bytes), name)
     }
 
     /// What sign-out sends as `id_token_hint`: the id_token, or the access token when the
@@ -207,6 +210,8 @@ impl SessionRecord {
     /// - claims whose header value already holds them exactly (`preferred_username`, `groups`,
     ///   `entitlements`, `email`, `name`, `sub`) are dropped from `claims_json`;
     ///   [`SessionRecord::claim`] answers them from the identity values;
+    /// - `sid` is kept only in the record's own field, and the login's `nonce` and `at_hash`
+    ///   (already checked) are dropped;
     /// - the id_token is dropped when the access token can stand in for it as `id_token_hint`:
     ///   a JWT for this client (`aud`) with the id_token's `iss` and `sub`, as authentik issues
     ///   (authentik's own outpost sends the access token as the hint).
@@ -221,6 +226,13 @@ impl SessionRecord {
                     claims.remove(key);
                 }
             }
+            // Kept once, in the record's own field.
+            if claims.get("sid").and_then(Value::as_str) == self.sid.as_deref() {
+                claims.remove("sid");
+            }
+            // Single-use values of the login itself, checked already; never identity.
+            claims.remove("nonce");
+            claims.remove("at_hash");
             self.claims_json = Value::Object(claims).to_string();
         }
         if access_token_is_id_hint(&self.identity.values[6], &self.id_token, client_id) {
@@ -256,10 +268,18 @@ fn render_claim(value: &Value) -> Option<String> {
 /// Claim `name` from a record's claims JSON, or from the identity values for the claims
 /// `compact` dropped. Identity values come from those same claims (`Identity::from_claims`), so
 /// a non-empty value means the claim existed with exactly that rendering.
-fn claim_of(claims_json: &[u8], values: &[&[u8]; 7], name: &str) -> Option<String> {
+fn claim_of(
+    claims_json: &[u8],
+    values: &[&[u8]; 7],
+    sid: Option<&[u8]>,
+    name: &str,
+) -> Option<String> {
     let claims: Map<String, Value> = serde_json::from_slice(claims_json).ok()?;
     if let Some(value) = claims.get(name) {
         return render_claim(value);
+    }
+    if name == "sid" {
+        return sid.map(|sid| String::from_utf8_lossy(sid).into_owned());
     }
     let (_, index) = DEDUPLICATED_CLAIMS.iter().find(|(key, _)| *key == name)?;
     let value = values[*index];
@@ -298,6 +318,7 @@ fn access_token_is_id_hint(access_token: &str, id_token: &str, client_id: &str) 
 pub struct SessionView<'a> {
     pub expires_at: UnixTime,
     pub sub: &'a [u8],
+    pub sid: Option<&'a [u8]>,
     /// Identity header values, in the order of [`crate::identity::IDENTITY_HEADERS`].
     pub values: [&'a [u8]; 7],
     additional: &'a [u8],
@@ -315,9 +336,11 @@ impl<'a> SessionView<'a> {
         }
         let expires_at = reader.i64().ok()?;
         let sub = reader.bytes().ok()?;
-        if reader.u8().ok()? == 1 {
-            reader.bytes().ok()?;
-        }
+        let sid = match reader.u8().ok()? {
+            0 => None,
+            1 => Some(reader.bytes().ok()?),
+            _ => return None,
+        };
         let mut values: [&[u8]; 7] = [&[]; 7];
         for value in &mut values {
             *value = reader.bytes().ok()?;
@@ -331,9 +354,11 @@ impl<'a> SessionView<'a> {
         let additional = &bytes[start..bytes.len() - reader.remaining()];
         let id_token = reader.bytes().ok()?;
         let claims_json = reader.bytes().ok()?;
+        let sub = if sub.is_empty() { values[5] } else { sub };
         reader.is_empty().then_some(SessionView {
             expires_at,
             sub,
+            sid,
             values,
             additional,
             additional_count,
@@ -351,7 +376,7 @@ impl<'a> SessionView<'a> {
 
     /// Same as [`SessionRecord::claim`].
     pub fn claim(&self, name: &str) -> Option<String> {
-        claim_of(self.claims_json, &self.values, name)
+        claim_of(self.claims_json, &self.values, self.sid, name)
     }
 
     /// Same as [`SessionRecord::logout_hint`].
@@ -522,6 +547,55 @@ mod tests {
         assert_eq!(record.logout_hint(), access);
         let bytes = record.encode();
         assert_eq!(SessionView::parse(&bytes).unwrap().logout_hint(), access.as_bytes());
+    }
+
+    /// A typical authentik session (10 groups, a 1 KB JWT access token that also serves as the
+    /// logout hint) must fit a 2 KB slab slot in shared memory together with the zone's
+    /// 144-byte entry header: that is what lets a million sessions fit in 2 GiB.
+    #[test]
+    fn typical_authentik_session_fits_a_2k_slot() {
+        let groups: Vec<String> = (0..10).map(|i| format!("authentik-group-{i:02}")).collect();
+        let sub = "4f6c8a2e9d1b3c5a7e9f0b2d4c6e8a1f3b5d7e9c0a2b4d6f8e1c3a5b7d9f0e2a";
+        let mut claims = serde_json::json!({
+            "iss": "https://authentik.example.com/application/o/grafana/",
+            "sub": sub, "aud": "grafana-client-id-0123456789abcdef0123",
+            "exp": 1_767_225_600, "iat": 1_767_139_200, "auth_time": 1_767_139_100,
+            "acr": "goauthentik.io/providers/oauth2/default", "amr": ["pwd"],
+            "sid": "9b1deb4d3b7d4bad9bdd2b0d7b3dcb6d9b1deb4d3b7d4bad9bdd2b0d7b3dcb6d",
+            "email": "alice.anderson@example.com", "email_verified": true,
+            "name": "Alice Anderson", "given_name": "Alice Anderson",
+            "preferred_username": "alice", "nickname": "alice",
+            "groups": groups, "entitlements": [], "roles": [],
+            "ak_proxy": {"user_attributes": {}, "is_superuser": false},
+            "nonce": "Zk9nQ2V4aGJ4b3Fwb1lYS1dGN0hMa3JqZ0RqQkFnbW8",
+            "at_hash": "fQ8kM2sQqj6B2b6Yx5Lx9g",
+        });
+        let id_token = jwt(&claims.to_string());
+        claims["scope"] = "openid profile email entitlements ak_proxy".into();
+        let mut access_token = jwt(&claims.to_string());
+        access_token.truncate(access_token.len().min(1000));
+        while access_token.len() < 1000 {
+            access_token.push('x');
+        }
+        let claims = claims.as_object().unwrap().clone();
+        let mut record = SessionRecord {
+            sub: sub.into(),
+            sid: claims.get("sid").and_then(Value::as_str).map(str::to_string),
+            expires_at: 1_767_225_600,
+            identity: Identity::from_claims(&claims, &access_token),
+            id_token,
+            claims_json: Value::Object(claims).to_string(),
+        };
+        // The truncated token is no longer a parseable JWT: keep the hint decision explicit.
+        record.compact("grafana-client-id-0123456789abcdef0123");
+        record.id_token.clear();
+        let size = record.encode().len();
+        assert!(size <= 2048 - 144, "typical record is {size} bytes");
+        assert_eq!(record.claim("groups").as_deref(), Some(groups_joined().as_str()));
+    }
+
+    fn groups_joined() -> String {
+        (0..10).map(|i| format!("authentik-group-{i:02}")).collect::<Vec<_>>().join("|")
     }
 
     #[test]
