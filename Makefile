@@ -10,6 +10,10 @@ PROFILE ?= release
 MODULE_SO := libngx_http_authentik_module.so
 RUST_SOURCES := $(shell find src core/src -name '*.rs') Cargo.toml core/Cargo.toml build.rs Cargo.lock
 
+# Copy to a temporary name, then rename: a running nginx has the old file mapped, and writing
+# over it in place would crash that nginx (SIGBUS).
+INSTALL_ATOMIC = install_atomic() { cp "$$1" "$$2.tmp.$$$$" && mv -f "$$2.tmp.$$$$" "$$2"; }; install_atomic
+
 DEBIAN_SRC := /usr/share/nginx/src
 DEBIAN_OBJS := $(BUILD)/nginx-objs
 DEBIAN_TARGET := $(BUILD)/target-debian
@@ -33,7 +37,7 @@ $(DEBIAN_SRC)/conf_flags:
 $(BUILD)/ngx_http_authentik_module.so: $(DEBIAN_OBJS)/Makefile $(RUST_SOURCES)
 	NGINX_SOURCE_DIR=$(DEBIAN_SRC) NGINX_BUILD_DIR=$(DEBIAN_OBJS) CARGO_TARGET_DIR=$(DEBIAN_TARGET) \
 		$(CARGO) build --locked --profile $(PROFILE) -p nginx-authentik
-	cp $(DEBIAN_TARGET)/$(PROFILE)/$(MODULE_SO) $@
+	$(INSTALL_ATOMIC) $(DEBIAN_TARGET)/$(PROFILE)/$(MODULE_SO) $@
 
 module: $(BUILD)/ngx_http_authentik_module.so
 
@@ -41,8 +45,8 @@ module: $(BUILD)/ngx_http_authentik_module.so
 $(BUILD)/vendored/ngx_http_authentik_module.so: $(RUST_SOURCES) | $(DEBIAN_SRC)/conf_flags
 	CARGO_TARGET_DIR=$(VENDORED_TARGET) $(CARGO) build --locked --profile $(PROFILE) -p nginx-authentik --features vendored
 	@mkdir -p $(BUILD)/vendored/sbin
-	cp $(VENDORED_TARGET)/$(PROFILE)/$(MODULE_SO) $@
-	cp "$$(ls -t $(VENDORED_TARGET)/$(PROFILE)/build/nginx-sys-*/out/objs/nginx | head -n1)" $(BUILD)/vendored/sbin/nginx
+	$(INSTALL_ATOMIC) $(VENDORED_TARGET)/$(PROFILE)/$(MODULE_SO) $@
+	$(INSTALL_ATOMIC) "$$(ls -t $(VENDORED_TARGET)/$(PROFILE)/build/nginx-sys-*/out/objs/nginx | head -n1)" $(BUILD)/vendored/sbin/nginx
 
 module-vendored: $(BUILD)/vendored/ngx_http_authentik_module.so
 
@@ -83,7 +87,7 @@ $(BUILD)/bench/ngx_http_authentik_module.so: $(DEBIAN_OBJS)/Makefile $(RUST_SOUR
 	@mkdir -p $(BUILD)/bench
 	NGINX_SOURCE_DIR=$(DEBIAN_SRC) NGINX_BUILD_DIR=$(DEBIAN_OBJS) CARGO_TARGET_DIR=$(BENCH_TARGET) \
 		$(CARGO) build --locked --profile $(PROFILE) -p nginx-authentik --features bench
-	cp $(BENCH_TARGET)/$(PROFILE)/$(MODULE_SO) $@
+	$(INSTALL_ATOMIC) $(BENCH_TARGET)/$(PROFILE)/$(MODULE_SO) $@
 
 bench-module: $(BUILD)/bench/ngx_http_authentik_module.so
 
