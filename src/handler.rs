@@ -400,15 +400,18 @@ fn start_login(
     let (scheme, host) = (http::scheme(r), http::host(r));
     let redirect_uri = provider.settings.redirect_uri(scheme, &host);
     let login = PendingLogin::new(return_to, redirect_uri, now());
-    if let Err(e) = zone.insert_login(&login, provider.login_timeout, now()) {
-        log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
-        return page(
-            r,
-            NGX_HTTP_SERVICE_UNAVAILABLE,
-            "Service unavailable",
-            "Too many logins are in progress. Try again in a moment.",
-            true,
-        );
+    match zone.insert_login(&login, provider.login_timeout, now()) {
+        Ok(eviction) => warn_eviction(r, zone, &eviction, "starting authentik login"),
+        Err(e) => {
+            log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
+            return page(
+                r,
+                NGX_HTTP_SERVICE_UNAVAILABLE,
+                "Service unavailable",
+                "Too many logins are in progress. Try again in a moment.",
+                true,
+            );
+        }
     }
     let url = authorize_url(
         &discovery.authorization_endpoint,
@@ -614,18 +617,28 @@ fn create_session(
             }
         }
     };
-    if eviction.warn {
-        let msg = format!(
-            "authentik session zone \"{}\" is full, evicted {} least recently used session(s)",
-            zone.name, eviction.evicted
-        );
-        log_error(r, NGX_LOG_WARN, &msg, "creating authentik session");
-    }
+    warn_eviction(r, zone, &eviction, "creating authentik session");
     let attrs = session_cookie_attributes(r, provider);
     let max_age = record.expires_at - now;
     let set = cookie::set_cookie(&provider.cookie_name, &id.to_cookie_value(), max_age, &attrs);
     http::add_response_header(r, &http::SET_COOKIE, set.as_bytes());
     redirect(r, return_to)
+}
+
+/// Logs that the zone was full (at most once a minute for the whole zone).
+fn warn_eviction(
+    r: &mut ngx_http_request_t,
+    zone: &SessionZone,
+    eviction: &crate::zone::Eviction,
+    action: &str,
+) {
+    if eviction.warn {
+        let msg = format!(
+            "authentik session zone \"{}\" is full, evicted {} least recently used session(s)",
+            zone.name, eviction.evicted
+        );
+        log_error(r, NGX_LOG_WARN, &msg, action);
+    }
 }
 
 /* responses */

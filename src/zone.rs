@@ -1,7 +1,10 @@
 //! The session zone: sessions and pending logins in nginx shared memory, seen by every worker.
 //!
 //! Layout (one slab pool per `authentik_session_zone`): a header with
-//! - `sessions`: rbtree keyed by the first 8 bytes of the random session id,
+//! - `index`: open-addressing hash table (linear probing, backward-shift deletion) of the
+//!   sessions, keyed by the first 8 bytes of the random session id: a lookup touches one or two
+//!   cache lines whatever the number of sessions (an rbtree over a million 2 KB entries costs a
+//!   cache miss per level),
 //! - `by_sub`: rbtree of the same entries keyed by a hash of the `sub` claim (sign_out),
 //! - `lru`: queue of sessions, most recently used first (eviction when the zone is full),
 //! - `logins` and `login_lru`: pending logins keyed by their random `state`, bounded in number.
@@ -32,7 +35,17 @@ use ngx::http::HttpModule;
 
 /// Bumped whenever the shared layout changes: a reload that loads a module with another layout
 /// must not reuse the old zone's memory.
-const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e01;
+const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e02;
+
+/// One slot of the session index; `entry` null means empty.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u64,
+    entry: *mut Entry,
+}
+
+const EMPTY: Slot = Slot { key: 0, entry: ptr::null_mut() };
 
 /// One `authentik_session_zone`, per configuration cycle.
 pub struct SessionZone {
@@ -48,8 +61,9 @@ pub struct SessionZone {
 #[repr(C)]
 struct ZoneHeader {
     magic: u64,
-    sessions: ngx_rbtree_t,
-    sessions_sentinel: ngx_rbtree_node_t,
+    /// `index_mask + 1` slots; at most 3/4 used (older sessions are evicted first).
+    index: *mut Slot,
+    index_mask: usize,
     by_sub: ngx_rbtree_t,
     by_sub_sentinel: ngx_rbtree_node_t,
     lru: ngx_queue_t,
@@ -143,12 +157,24 @@ unsafe fn init_zone_inner(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> n
     if header.is_null() {
         return NGX_ERROR as ngx_int_t;
     }
-    // SAFETY: `header` is a fresh, exclusively owned allocation of the right size.
+    // One slot per KiB of zone (rounded up to a power of two): a typical session takes a 2 KiB
+    // slab slot, so the index stays under half full; at 3/4 the oldest sessions are evicted.
+    let slots = (zone.size / 1024).next_power_of_two().max(64);
+    // SAFETY: allocates the index from the fresh slab pool.
+    let index = unsafe { ngx_slab_alloc(shpool, slots * size_of::<Slot>()) } as *mut Slot;
+    if index.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: `header` and `index` are fresh, exclusively owned allocations of the right size.
     unsafe {
+        for i in 0..slots {
+            index.add(i).write(EMPTY);
+        }
         ptr::write_bytes(header, 0, 1);
         let h = &mut *header;
         h.magic = MAGIC;
-        ngx_rbtree_init(&mut h.sessions, &mut h.sessions_sentinel, Some(ngx_rbtree_insert_value));
+        h.index = index;
+        h.index_mask = slots - 1;
         ngx_rbtree_init(&mut h.by_sub, &mut h.by_sub_sentinel, Some(ngx_rbtree_insert_value));
         ngx_rbtree_init(&mut h.logins, &mut h.logins_sentinel, Some(ngx_rbtree_insert_value));
         ngx_queue_init(&mut h.lru);
@@ -256,7 +282,7 @@ impl SessionZone {
     ) -> Option<&'a [u8]> {
         let mut lock = self.lock();
         let h = self.header(&mut lock);
-        let entry = find(&mut h.sessions, id.key())?;
+        let entry = index_find(h, id.key())?;
         // SAFETY: `entry` is a live session entry in the locked zone.
         let e = unsafe { &mut *entry };
         if !constant_time_eq(&e.id, &id.0) {
@@ -287,11 +313,18 @@ impl SessionZone {
         let bytes = record.encode();
         let mut lock = self.lock();
         let h = self.header(&mut lock);
-        if find(&mut h.sessions, id.key()).is_some() {
+        if index_find(h, id.key()).is_some() {
             return Err(ZoneError::Collision);
         }
         self.expire_sessions(h, now, 2);
         let mut eviction = Eviction::default();
+        // Keep the index at most 3/4 full.
+        while (h.session_count + 1) * 4 > (h.index_mask + 1) * 3 {
+            if !self.evict_oldest_session(h) {
+                break;
+            }
+            eviction.evicted += 1;
+        }
         let entry = loop {
             if let Some(entry) = self.alloc_entry(bytes.len()) {
                 break entry;
@@ -314,7 +347,7 @@ impl SessionZone {
             e.expires_at = record.expires_at;
             e.len = bytes.len() as u32;
             ptr::copy_nonoverlapping(bytes.as_ptr(), entry_data_ptr(entry), bytes.len());
-            ngx_rbtree_insert(&mut h.sessions, &mut e.node);
+            index_insert(h, id.key(), entry);
             ngx_rbtree_insert(&mut h.by_sub, &mut e.sub_node);
             ngx_queue_insert_after(&mut h.lru, &mut e.lru);
         }
@@ -372,7 +405,7 @@ impl SessionZone {
         // SAFETY: `entry` is a live session in the locked zone; it is unlinked then freed.
         unsafe {
             let e = &mut *entry;
-            ngx_rbtree_delete(&mut h.sessions, &mut e.node);
+            index_remove(h, e.node.key as u64, entry);
             ngx_rbtree_delete(&mut h.by_sub, &mut e.sub_node);
             ngx_queue_remove(&mut e.lru);
             ngx_slab_free_locked(self.shpool, entry as *mut c_void);
@@ -413,7 +446,7 @@ impl SessionZone {
         login: &PendingLogin,
         ttl: i64,
         now: UnixTime,
-    ) -> Result<(), ZoneError> {
+    ) -> Result<Eviction, ZoneError> {
         let Some(key) = PendingLogin::key_of(&login.state) else {
             return Err(ZoneError::Collision);
         };
@@ -431,15 +464,26 @@ impl SessionZone {
             }
             self.delete_login(h, entry);
         }
+        // Pending logins are capped above, so when memory runs out the zone is full of
+        // sessions: the least recently used ones make room, as for a new session.
+        let mut eviction = Eviction::default();
         let entry = loop {
             if let Some(entry) = self.alloc_entry(bytes.len()) {
                 break entry;
+            }
+            if self.evict_oldest_session(h) {
+                eviction.evicted += 1;
+                continue;
             }
             let Some(oldest) = lru_tail(&mut h.login_lru) else {
                 return Err(ZoneError::NoMemory(self.name.clone()));
             };
             self.delete_login(h, oldest);
         };
+        if eviction.evicted > 0 && now - h.last_full_warning >= 60 {
+            h.last_full_warning = now;
+            eviction.warn = true;
+        }
         // SAFETY: `entry` is a fresh allocation with room for the header and the record.
         unsafe {
             let e = &mut *entry;
@@ -451,7 +495,7 @@ impl SessionZone {
             ngx_queue_insert_after(&mut h.login_lru, &mut e.lru);
         }
         h.login_count += 1;
-        Ok(())
+        Ok(eviction)
     }
 
     /// Removes and returns the pending login for `state` (one use), unless it has expired.
@@ -489,6 +533,72 @@ impl SessionZone {
 /// Compares session ids in constant time, so timing reveals nothing about a guess.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
+}
+
+/* the session index; all callers hold the zone's mutex */
+
+fn slot(h: &ZoneHeader, i: usize) -> *mut Slot {
+    h.index.wrapping_add(i & h.index_mask)
+}
+
+fn index_find(h: &ZoneHeader, key: u64) -> Option<*mut Entry> {
+    let mut i = key as usize;
+    loop {
+        // SAFETY: `slot` stays inside the index; the table always has an empty slot.
+        let s = unsafe { *slot(h, i) };
+        if s.entry.is_null() {
+            return None;
+        }
+        if s.key == key {
+            return Some(s.entry);
+        }
+        i = i.wrapping_add(1);
+    }
+}
+
+fn index_insert(h: &mut ZoneHeader, key: u64, entry: *mut Entry) {
+    let mut i = key as usize;
+    // SAFETY: probing inside the index, which is at most 3/4 full.
+    unsafe {
+        while !(*slot(h, i)).entry.is_null() {
+            i = i.wrapping_add(1);
+        }
+        *slot(h, i) = Slot { key, entry };
+    }
+}
+
+/// Removes `entry` and shifts later slots of the same probe run back (no tombstones).
+fn index_remove(h: &mut ZoneHeader, key: u64, entry: *mut Entry) {
+    let mask = h.index_mask;
+    let mut i = key as usize & mask;
+    // SAFETY: probing inside the index; `entry` is in it.
+    unsafe {
+        while (*slot(h, i)).entry != entry {
+            if (*slot(h, i)).entry.is_null() {
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+        loop {
+            let mut j = i;
+            loop {
+                j = (j + 1) & mask;
+                let s = *slot(h, j);
+                if s.entry.is_null() {
+                    *slot(h, i) = EMPTY;
+                    return;
+                }
+                let home = s.key as usize & mask;
+                // The slot at j may move to i unless its home lies cyclically in (i, j].
+                let stays = if i <= j { home > i && home <= j } else { home > i || home <= j };
+                if !stays {
+                    *slot(h, i) = s;
+                    i = j;
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /* intrusive-structure helpers; all callers hold the zone's mutex */

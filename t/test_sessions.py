@@ -58,6 +58,30 @@ def test_sign_out_everywhere(app, browsers):
     assert r.status_code in (302, 303) and r.headers["Location"] == app.origin + "/", (r.status_code, b1.hops)
 
 
+def test_many_sessions_sign_out_keeps_other_users(app):
+    """Many sessions of two users in one zone: signing one user out removes exactly that user's
+    sessions (the session index and the per-user index stay consistent under deletions)."""
+    app.start(worker_processes=2)
+    name = session_cookie_name(app.client["client_id"])
+    cookies = {"alice": [], "bob": []}
+    for i in range(24):
+        user = "alice" if i % 3 else "bob"
+        b = Browser()
+        assert echo(b.login(app.url(f"/m{i}"), user)).get("X-authentik-username") == user
+        cookies[user].append((b, b.cookie(name)))
+    b_alice = cookies["alice"][5][0]
+    r = b_alice.get(app.url(f"{OUTPOST}/sign_out"), follow=False)
+    assert r.status_code == 302, r.status_code
+    for _, value in cookies["alice"]:
+        assert status_with_cookie(app, value) == [302], "an alice session survived sign-out"
+    for _, value in cookies["bob"]:
+        assert status_with_cookie(app, value, 2) == [200, 200], "bob lost a session"
+    # new sessions still go in and are found after the deletions
+    b = Browser()
+    assert echo(b.login(app.url("/again"), "alice")).get("X-authentik-username") == "alice"
+    assert status_with_cookie(app, b.cookie(name), 2) == [200, 200]
+
+
 def test_sign_out_custom_redirect(app):
     bye = f"{app.nginx.origin}/bye"
     app.client = app.new_client(post_logout_redirect_uris=[bye])
