@@ -327,8 +327,7 @@ fn pass_authenticated(
     for (name, value) in session.additional() {
         ok &= http::add_request_header_dyn(r, name, value);
     }
-    let name = provider.cookie_name.as_bytes();
-    ok &= http::rewrite_cookie_headers(r, |value| cookie::remove_cookie(value, name));
+    ok &= http::remove_cookie_from_headers(r, provider.cookie_name.as_bytes());
     if !ok {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }

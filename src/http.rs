@@ -264,12 +264,9 @@ fn unlink_list_elt(list: &mut nginx_sys::ngx_list_t, part: *mut ngx_list_part_t,
     true
 }
 
-/// Rewrites every `Cookie` header with `rewrite(value)`: `None` keeps the header, `Some(v)`
-/// replaces it (an empty `v` removes it).
-pub fn rewrite_cookie_headers(
-    r: &mut ngx_http_request_t,
-    rewrite: impl Fn(&[u8]) -> Option<Vec<u8>>,
-) -> bool {
+/// Removes cookie `name` from every `Cookie` header the upstream will see, writing the
+/// shortened values into the request pool; a header left empty is removed.
+pub fn remove_cookie_from_headers(r: &mut ngx_http_request_t, name: &[u8]) -> bool {
     let mut emptied = false;
     for elt in header_elts(&r.headers_in.headers) {
         // SAFETY: elements of the request's header list, modified in place.
@@ -277,10 +274,19 @@ pub fn rewrite_cookie_headers(
         if h.hash == 0 || !str_bytes(&h.key).eq_ignore_ascii_case(b"cookie") {
             continue;
         }
-        let Some(new) = rewrite(str_bytes(&h.value)) else { continue };
-        emptied |= new.is_empty();
-        let Some(value) = pool_str(r, &new) else { return false };
-        h.value = value;
+        let value = str_bytes(&h.value);
+        // SAFETY: allocates from the request pool, freed with the request.
+        let out = unsafe { ngx_pnalloc(r.pool, 2 * value.len() + 1) } as *mut u8;
+        if out.is_null() {
+            return false;
+        }
+        // SAFETY: `out` has room for 2 * value.len() bytes and is exclusively ours.
+        let buf = unsafe { core::slice::from_raw_parts_mut(out, 2 * value.len()) };
+        let Some(len) = authentik_core::cookie::remove_cookie_into(value, name, buf) else {
+            continue;
+        };
+        emptied |= len == 0;
+        h.value = ngx_str_t { len, data: out };
     }
     if !emptied {
         return true;

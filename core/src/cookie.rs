@@ -45,19 +45,34 @@ pub fn find_cookie<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
 /// The `Cookie` header value with every cookie named `name` removed. `None` when nothing was
 /// removed; `Some(vec![])` when nothing is left.
 pub fn remove_cookie(header: &[u8], name: &[u8]) -> Option<Vec<u8>> {
-    let mut kept: Vec<u8> = Vec::with_capacity(header.len());
+    let mut kept = vec![0u8; 2 * header.len()];
+    let len = remove_cookie_into(header, name, &mut kept)?;
+    kept.truncate(len);
+    Some(kept)
+}
+
+/// Like [`remove_cookie`], writing into `out` (which must hold `2 * header.len()` bytes: kept
+/// cookies are re-joined with `"; "`); returns the length written. For callers that allocate
+/// from their own pool.
+pub fn remove_cookie_into(header: &[u8], name: &[u8], out: &mut [u8]) -> Option<usize> {
+    if out.len() < 2 * header.len() {
+        return None;
+    }
+    let mut len = 0;
     let mut removed = false;
     for (piece, cookie_name, _) in cookie_pairs(header) {
         if cookie_name == name {
             removed = true;
             continue;
         }
-        if !kept.is_empty() {
-            kept.extend_from_slice(b"; ");
+        if len > 0 {
+            out[len..len + 2].copy_from_slice(b"; ");
+            len += 2;
         }
-        kept.extend_from_slice(piece);
+        out[len..len + piece.len()].copy_from_slice(piece);
+        len += piece.len();
     }
-    removed.then_some(kept)
+    removed.then_some(len)
 }
 
 /// Attributes of a cookie the module sets.
@@ -107,6 +122,18 @@ fn push_flags(cookie: &mut String, attrs: &CookieAttributes<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_cookie_into_handles_tight_separators() {
+        // Re-joining with "; " can make the result longer than the input's remaining bytes.
+        let header = b"a=1;b=2;c=3;d=4;e=5;f=6;ours=x";
+        let mut out = vec![0u8; 2 * header.len()];
+        let len = remove_cookie_into(header, b"ours", &mut out).expect("removed");
+        assert_eq!(&out[..len], b"a=1; b=2; c=3; d=4; e=5; f=6");
+        assert_eq!(remove_cookie_into(header, b"ours", &mut [0u8; 4]), None, "buffer too small");
+        assert_eq!(remove_cookie_into(b"a=1", b"ours", &mut [0u8; 6]), None, "nothing removed");
+        assert_eq!(remove_cookie_into(b"ours=1", b"ours", &mut [0u8; 12]), Some(0));
+    }
 
     #[test]
     fn session_cookie_name_is_authentiks() {
