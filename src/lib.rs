@@ -122,6 +122,7 @@ static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 5] = [
 #[allow(non_upper_case_globals)]
 pub static mut ngx_http_authentik_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of!(NGX_HTTP_AUTHENTIK_MODULE_CTX) as *mut c_void,
+    // SAFETY: takes the address of the static commands array; nothing is read or written here.
     commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_AUTHENTIK_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     ..ngx_module_t::default()

@@ -378,10 +378,12 @@ impl SessionZone {
         let mut node = first;
         // SAFETY: nodes of `by_sub` are `sub_node` fields of live entries.
         while !node.is_null() && unsafe { (*node).key } as u64 == key {
+            // SAFETY: `node` is the `sub_node` of a live entry (see above).
             let entry = unsafe { entry_of_sub_node(node) };
             if SessionRecord::peek_sub(entry_data(entry)) == Some(sub) {
                 doomed.push(entry);
             }
+            // SAFETY: in-order successor in the locked tree; null after the last node.
             node = unsafe { ngx_rbtree_next(&mut h.by_sub, node) };
         }
         for entry in &doomed {
