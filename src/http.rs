@@ -370,7 +370,11 @@ pub fn scheme(r: &ngx_http_request_t) -> &'static str {
 /// The `Host` header as the client sent it (nginx validated its syntax), else the server name
 /// nginx selected; request memory, valid as long as the request.
 pub fn host_bytes<'a>(r: &ngx_http_request_t) -> &'a [u8] {
-    request_header(r, b"host").unwrap_or_else(|| str_bytes(&r.headers_in.server))
+    if r.headers_in.host.is_null() {
+        return str_bytes(&r.headers_in.server);
+    }
+    // SAFETY: nginx's pointer to the request's Host header element, valid with the request.
+    str_bytes(unsafe { &(*r.headers_in.host).value })
 }
 
 /// The request's `Host` with its port, as the client sent it, if it looks like a host;
