@@ -52,11 +52,13 @@ module-vendored: $(BUILD)/vendored/ngx_http_authentik_module.so
 
 # --- checks and tests ------------------------------------------------------------------
 check: $(DEBIAN_OBJS)/Makefile
+	@.ci/deps.sh build
 	$(CARGO) fmt --all -- --check
 	NGINX_SOURCE_DIR=$(DEBIAN_SRC) NGINX_BUILD_DIR=$(DEBIAN_OBJS) CARGO_TARGET_DIR=$(DEBIAN_TARGET) \
 		$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
 unittest:
+	@.ci/deps.sh build
 	CARGO_TARGET_DIR=$(BUILD)/target-core $(CARGO) test --locked -p authentik-core
 
 e2e: module module-vendored deb docker-image
