@@ -746,19 +746,15 @@ fn external_origin(r: &ngx_http_request_t, provider: &Provider) -> String {
 
 /// Where the user should land after logging in: this request's URL.
 fn current_url(r: &ngx_http_request_t, provider: &Provider) -> String {
-    let uri = String::from_utf8_lossy(http::bytes_of(&r.unparsed_uri)).into_owned();
-    let origin = match provider.settings.mode {
-        Mode::ForwardDomain => format!("{}://{}", http::scheme(r), http::host(r)),
-        _ => external_origin(r, provider),
+    let uri = String::from_utf8_lossy(http::bytes_of(&r.unparsed_uri));
+    let external = external_origin(r, provider);
+    let url = match provider.settings.mode {
+        Mode::ForwardDomain => format!("{}://{}{uri}", http::scheme(r), http::host(r)),
+        _ => format!("{external}{uri}"),
     };
-    let url = format!("{origin}{uri}");
-    validate_return_to(
-        &url,
-        provider.settings.mode,
-        &external_origin(r, provider),
-        provider.settings.cookie_domain.as_deref(),
-    )
-    .unwrap_or_else(|| format!("{}/", external_origin(r, provider)))
+    let mode = provider.settings.mode;
+    validate_return_to(&url, mode, &external, provider.settings.cookie_domain.as_deref())
+        .unwrap_or_else(|| format!("{external}/"))
 }
 
 /// The string unauthenticated paths are matched against (authentik's semantics).

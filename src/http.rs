@@ -1,4 +1,4 @@
-//! Small helpers over `ngx_http_request_t`: reading request headers, adding or neutralising
+//! Small helpers over `ngx_http_request_t`: reading request headers, adding or removing
 //! headers, and sending the module's own responses (redirects, status codes, short pages).
 
 use core::ffi::c_void;
@@ -23,7 +23,8 @@ pub const fn header_hash(lowercase: &[u8]) -> ngx_uint_t {
     h
 }
 
-/// Every element of an `ngx_list_t` of headers, including neutralised ones (`hash == 0`).
+/// Every element of an `ngx_list_t` of headers, including those marked deleted (`hash == 0`,
+/// nginx's convention, which other modules may use); readers below skip those.
 pub fn header_elts(list: &nginx_sys::ngx_list_t) -> impl Iterator<Item = *mut ngx_table_elt_t> {
     let mut part: *const ngx_list_part_t = &list.part;
     let mut i = 0usize;
@@ -43,17 +44,13 @@ pub fn header_elts(list: &nginx_sys::ngx_list_t) -> impl Iterator<Item = *mut ng
     })
 }
 
-fn str_bytes<'a>(s: &ngx_str_t) -> &'a [u8] {
+/// Bytes of an `ngx_str_t` that lives as long as the request.
+pub fn bytes_of<'a>(s: &ngx_str_t) -> &'a [u8] {
     if s.len == 0 || s.data.is_null() {
         return &[];
     }
     // SAFETY: an ngx_str_t of a live request points at `len` readable bytes.
     unsafe { core::slice::from_raw_parts(s.data, s.len) }
-}
-
-/// Bytes of an `ngx_str_t` that lives as long as the request.
-pub fn bytes_of<'a>(s: &ngx_str_t) -> &'a [u8] {
-    str_bytes(s)
 }
 
 /// The first live request header named `lowercase` (exact, lowercase).
@@ -69,10 +66,10 @@ pub fn request_headers<'a>(
     header_elts(&r.headers_in.headers).filter_map(move |elt| {
         // SAFETY: elements of the request's header list.
         let h = unsafe { &*elt };
-        if h.hash == 0 || !str_bytes(&h.key).eq_ignore_ascii_case(lowercase) {
+        if h.hash == 0 || !bytes_of(&h.key).eq_ignore_ascii_case(lowercase) {
             return None;
         }
-        Some(str_bytes(&h.value))
+        Some(bytes_of(&h.value))
     })
 }
 
@@ -201,7 +198,7 @@ pub fn remove_request_headers(
         for i in 0..p.nelts {
             // SAFETY: `i` < nelts.
             let h = unsafe { &*(p.elts as *const ngx_table_elt_t).add(i) };
-            if doomed(str_bytes(&h.key), str_bytes(&h.value)) {
+            if doomed(bytes_of(&h.key), bytes_of(&h.value)) {
                 found.push((part, i));
             }
         }
@@ -271,10 +268,10 @@ pub fn remove_cookie_from_headers(r: &mut ngx_http_request_t, name: &[u8]) -> bo
     for elt in header_elts(&r.headers_in.headers) {
         // SAFETY: elements of the request's header list, modified in place.
         let h = unsafe { &mut *elt };
-        if h.hash == 0 || !str_bytes(&h.key).eq_ignore_ascii_case(b"cookie") {
+        if h.hash == 0 || !bytes_of(&h.key).eq_ignore_ascii_case(b"cookie") {
             continue;
         }
-        let value = str_bytes(&h.value);
+        let value = bytes_of(&h.value);
         // SAFETY: allocates from the request pool, freed with the request.
         let out = unsafe { ngx_pnalloc(r.pool, 2 * value.len() + 1) } as *mut u8;
         if out.is_null() {
@@ -371,10 +368,10 @@ pub fn scheme(r: &ngx_http_request_t) -> &'static str {
 /// nginx selected; request memory, valid as long as the request.
 pub fn host_bytes<'a>(r: &ngx_http_request_t) -> &'a [u8] {
     if r.headers_in.host.is_null() {
-        return str_bytes(&r.headers_in.server);
+        return bytes_of(&r.headers_in.server);
     }
     // SAFETY: nginx's pointer to the request's Host header element, valid with the request.
-    str_bytes(unsafe { &(*r.headers_in.host).value })
+    bytes_of(unsafe { &(*r.headers_in.host).value })
 }
 
 /// The request's `Host` with its port, as the client sent it, if it looks like a host;
@@ -387,5 +384,5 @@ pub fn host(r: &ngx_http_request_t) -> String {
             return String::from_utf8_lossy(h).to_ascii_lowercase();
         }
     }
-    String::from_utf8_lossy(str_bytes(&r.headers_in.server)).into_owned()
+    String::from_utf8_lossy(bytes_of(&r.headers_in.server)).into_owned()
 }
