@@ -23,6 +23,7 @@ use ngx::http::HttpModuleMainConf;
 use ngx::ngx_conf_log_error;
 use url::Url;
 
+use crate::task::CallState;
 use crate::zone::SessionZone;
 use crate::HttpAuthentikModule;
 
@@ -70,6 +71,16 @@ pub struct Provider {
     pub login_timeout: i64,
     /// The session zone; set by `init_main_conf`.
     pub zone: *const SessionZone,
+    /// Binds sessions to this provider in the zone: a hash of issuer and client_id, unique
+    /// among the zone's providers (checked by `init_main_conf`).
+    pub key: u32,
+    /// `external_host`'s path without a trailing `/` ("" for none): the outpost endpoints and
+    /// the login cookie live under `<base_path>/outpost.goauthentik.io/`.
+    pub base_path: String,
+    /// Calls to the provider this worker may have on the thread pool at once (`max_pending_calls`).
+    pub max_pending_calls: usize,
+    /// This worker's calls in flight and discovery waiters.
+    pub calls: CallState,
     zone_name: Option<String>,
     origin: ConfOrigin,
 }
@@ -159,7 +170,10 @@ fn conf_path(cf: &ngx_conf_t, name: &str) -> PathBuf {
     PathBuf::from(prefix.to_string()).join(path)
 }
 
-/* authentik_session_zone zone=NAME:SIZE [timeout=TIME] */
+/* authentik_session_zone zone=NAME:SIZE [timeout=TIME] [max_record=SIZE] */
+
+/// Default of `max_record=`: the largest session record stored.
+const DEFAULT_MAX_RECORD: usize = 16 * 1024;
 
 pub unsafe extern "C" fn cmd_add_session_zone(
     cf: *mut ngx_conf_t,
@@ -172,6 +186,7 @@ pub unsafe extern "C" fn cmd_add_session_zone(
         let mut name = None;
         let mut size = 0usize;
         let mut timeout: i64 = 24 * 3600;
+        let mut max_record = None;
 
         for arg in &args(cf)[1..] {
             let Ok(value) = arg_str(arg) else {
@@ -189,6 +204,14 @@ pub unsafe extern "C" fn cmd_add_session_zone(
                 }
                 name = Some(zname.to_string());
                 size = parsed as usize;
+            } else if let Some(m) = value.strip_prefix("max_record=") {
+                let mut s = ngx_str_t { len: m.len(), data: m.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let parsed = unsafe { ngx_parse_size(&mut s) };
+                if parsed < 1024 {
+                    return emerg!(cf, "invalid max_record \"{}\", minimum is 1k", m);
+                }
+                max_record = Some(parsed as usize);
             } else if let Some(t) = value.strip_prefix("timeout=") {
                 let mut s = ngx_str_t { len: t.len(), data: t.as_ptr() as *mut u8 };
                 // SAFETY: `s` points at a live string.
@@ -210,11 +233,20 @@ pub unsafe extern "C" fn cmd_add_session_zone(
         if size < min {
             return emerg!(cf, "zone \"{}\" is too small, minimum is {}k", name, min / 1024);
         }
+        let max_record = max_record.unwrap_or(DEFAULT_MAX_RECORD.min(size / 8));
+        if max_record > size / 8 {
+            return emerg!(
+                cf,
+                "max_record={}k is too large for zone \"{}\", maximum is an eighth of the zone",
+                max_record / 1024,
+                name
+            );
+        }
         let mcf = main_conf(cf);
         if mcf.zones.iter().any(|z| z.name == name) {
             return emerg!(cf, "duplicate zone \"{}\"", name);
         }
-        match SessionZone::add(cf, name, size, timeout) {
+        match SessionZone::add(cf, name, size, timeout, max_record) {
             Ok(zone) => {
                 mcf.zones.push(zone);
                 CONF_OK
@@ -242,6 +274,8 @@ struct ProviderBlock {
     login_timeout: Option<i64>,
     ca_file: Option<PathBuf>,
     post_logout_redirect: Option<Url>,
+    trusted_audiences: Option<Vec<String>>,
+    max_pending_calls: Option<usize>,
 }
 
 pub unsafe extern "C" fn cmd_add_provider(
@@ -319,6 +353,7 @@ fn build_provider(
         timeout_ms: block.timeout_ms.unwrap_or(10_000),
         ca_file: block.ca_file,
         post_logout_redirect: block.post_logout_redirect,
+        trusted_audiences: block.trusted_audiences.unwrap_or_default(),
     };
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));
@@ -326,7 +361,16 @@ fn build_provider(
     let client = ProviderClient::new(&settings)
         .map_err(|e| emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e))?;
 
+    let base_path = settings
+        .external_host
+        .as_ref()
+        .map_or("", |url| url.path().trim_end_matches('/'))
+        .to_string();
     Ok(Provider {
+        key: provider_key(settings.issuer.as_str(), &settings.client_id),
+        base_path,
+        max_pending_calls: block.max_pending_calls.unwrap_or(DEFAULT_MAX_PENDING_CALLS),
+        calls: CallState::default(),
         cookie_name: session_cookie_name(&settings.client_id),
         settings: Arc::new(settings),
         unauth,
@@ -337,6 +381,18 @@ fn build_provider(
         zone_name: block.session_zone,
         origin,
     })
+}
+
+/// Default of `max_pending_calls`: half of nginx's default thread pool (32 threads), so one
+/// stalled provider leaves threads for the others.
+const DEFAULT_MAX_PENDING_CALLS: usize = 16;
+
+/// FNV-1a of `issuer NUL client_id`, folded to 32 bits.
+fn provider_key(issuer: &str, client_id: &str) -> u32 {
+    let bytes = issuer.bytes().chain([0]).chain(client_id.bytes());
+    let h =
+        bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (h ^ (h >> 32)) as u32
 }
 
 /// `cf->handler` for the directives inside `authentik_provider { }`.
@@ -451,6 +507,14 @@ unsafe extern "C" fn provider_directive(
                 set_once!(block.ca_file, Ok::<_, *mut c_char>(path))
             }
             "post_logout_redirect" => set_once!(block.post_logout_redirect, url(cf)),
+            "trusted_audiences" => set_once!(block.trusted_audiences, many(cf)),
+            "max_pending_calls" => {
+                let n = one(cf).and_then(|v| match v.parse::<usize>() {
+                    Ok(n) if (1..=65536).contains(&n) => Ok(n),
+                    _ => Err(emerg!(cf, "invalid max_pending_calls \"{}\"", v)),
+                });
+                set_once!(block.max_pending_calls, n)
+            }
             _ => return emerg!(cf, "unknown directive \"{}\"", name),
         }
         CONF_OK
@@ -534,6 +598,26 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
                 );
             };
             provider.zone = &**zone as *const SessionZone;
+        }
+        // Sessions are bound to (issuer, client_id) by a 32-bit key: two different pairs on one
+        // zone must not share a key.
+        for (i, a) in conf.providers.iter().enumerate() {
+            let same_app = |b: &Provider| {
+                a.settings.issuer == b.settings.issuer
+                    && a.settings.client_id == b.settings.client_id
+            };
+            let clash = conf.providers[..i]
+                .iter()
+                .find(|b| b.zone == a.zone && b.key == a.key && !same_app(b));
+            if let Some(b) = clash {
+                return emerg!(
+                    cf,
+                    "authentik_providers \"{}\" and \"{}\" cannot share a session zone, \
+                     give one of them another \"session_zone\"",
+                    b.settings.name,
+                    a.settings.name
+                );
+            }
         }
         if !conf.providers.is_empty() {
             // SAFETY: registers (or finds) nginx's "default" thread pool during configuration.

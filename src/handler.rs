@@ -15,7 +15,9 @@ use authentik_core::cookie::{self, CookieAttributes};
 use authentik_core::identity::{header_names_equal, is_forged_identity_header, IDENTITY_HEADERS};
 use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
 use authentik_core::page::error_page;
+use authentik_core::paths::UnauthPaths;
 use authentik_core::redirect::validate_return_to;
+use authentik_core::redirect::MAX_RETURN_URL;
 use authentik_core::request::{decode_query_value, encode_query_value, is_navigation, query_arg};
 use authentik_core::session::{SessionId, SessionRecord, SessionView};
 use nginx_sys::{
@@ -31,13 +33,11 @@ use ngx::ngx_log_error;
 
 use crate::conf::{LocationConf, Provider};
 use crate::http::{self, HeaderName};
-use crate::task::{self, Outcome, TaskData, Work};
-use crate::zone::SessionZone;
+use crate::task::{self, AfterDiscovery, Call, CallError, CallHandle, Finished};
+use crate::zone::{SessionZone, ZoneError};
 use crate::HttpAuthentikModule;
 
-const OUTPOST_PREFIX: &[u8] = b"/outpost.goauthentik.io/";
-const START_PATH: &str = "/outpost.goauthentik.io/start";
-const LOGIN_COOKIE_PATH: &str = "/outpost.goauthentik.io/";
+const OUTPOST_PREFIX: &str = "/outpost.goauthentik.io/";
 const OUTPOST_NAME: &str = "nginx-authentik";
 const OUTPOST_VERSION: &str =
     concat!("goauthentik.io/outpost/nginx-authentik-", env!("CARGO_PKG_VERSION"));
@@ -62,27 +62,23 @@ const FORWARDED_HOST: HeaderName = HeaderName::new("X-Forwarded-Host", "x-forwar
 
 /* per-request state */
 
-/// What the request was doing when it went to the thread pool.
-enum Resume {
-    StartLogin { return_to: String, stale_cookie: bool },
-    Callback { login_cookie: String, return_to: String },
-    SignOut { id_token: Option<String> },
-}
-
 /// Per-request state. Kept in the request pool (dropped by a pool cleanup) and found again
 /// after an internal redirect, which clears `r->ctx`.
-#[derive(Default)]
 pub struct RequestCtx {
     /// The session, when the request is authenticated (variables read it); its bytes live in
     /// the request pool.
     pub session: Option<SessionView<'static>>,
-    /// Identity headers are in place; later passes (internal redirects) keep them.
-    done: bool,
-    resume: Option<Resume>,
-    task: *mut TaskData,
-    /// Set by the task's completion event; until then the request stays suspended even if
-    /// nginx runs its phase handlers again (a write event on the connection does that).
-    pub task_finished: bool,
+    /// The provider whose access decision let the request through; later passes through a
+    /// location of the same provider keep it, a location of another provider decides again.
+    done_for: *const Provider,
+    /// The provider call the request is suspended on (see `task`).
+    call: *mut CallHandle,
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut() }
+    }
 }
 
 /// The cleanup handler that marks a pool cleanup entry as this module's request context;
@@ -188,35 +184,52 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
     let ctx = ctx_get(r).expect("request ctx");
-    if ctx.done {
+    if ptr::eq(ctx.done_for, provider) {
         return NGX_DECLINED as ngx_int_t;
     }
-    if ctx.resume.is_some() && !ctx.task_finished {
-        return NGX_AGAIN as ngx_int_t;
+    if !ctx.call.is_null() {
+        // SAFETY: the handle lives until both the request and the call are done with it.
+        let handle = unsafe { &mut *ctx.call };
+        if !handle.is_finished() {
+            return NGX_AGAIN as ngx_int_t;
+        }
+        ctx.call = ptr::null_mut();
+        return match handle.take() {
+            Some(Finished::Done(call)) => resume(r, provider, zone, call),
+            Some(Finished::Panicked(msg)) => {
+                let msg = format!("provider task panicked: {msg}");
+                log_error(r, NGX_LOG_ALERT, &msg, "talking to the authentik provider");
+                NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
+            }
+            None => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+        };
     }
-    if let Some(resume) = ctx.resume.take() {
-        ctx.task_finished = false;
-        let outcome =
-            task::take_outcome(ctx.task).unwrap_or_else(|| Outcome::Panicked("no outcome".into()));
-        ctx.task = ptr::null_mut();
-        return resume_after_task(r, provider, zone, resume, outcome);
+    // An internal redirect moved an authenticated request into a location of another
+    // provider: that provider decides, and the first one's headers go.
+    let previous = (!ctx.done_for.is_null()).then(|| {
+        ctx.done_for = ptr::null();
+        ctx.session.take()
+    });
+    if let Some(previous) = previous {
+        if !remove_previous_identity(r, previous.as_ref()) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+        }
     }
 
     let uri = http::bytes_of(&r.uri);
     let args = http::bytes_of(&r.args);
-    let endpoint = uri.strip_prefix(OUTPOST_PREFIX);
+    let endpoint = outpost_endpoint_name(uri, &provider.base_path);
     let is_callback = endpoint.is_none()
         && !args.is_empty()
         && query_arg(args, b"X-authentik-auth-callback")
             .is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
 
-    let cookie = session_cookie(r, provider);
+    let cookies = session_cookies(r, provider);
     let session = match (endpoint, is_callback) {
-        (None, false) => {
-            cookie.and_then(SessionId::from_cookie_value).and_then(|id| find_session(r, zone, &id))
-        }
+        (None, false) => find_first_session(r, provider, zone, &cookies),
         _ => None,
     };
+    let cookie = cookies.first().copied();
 
     // Client-sent identity headers never reach the upstream, authenticated or not; nor, when
     // the module sets them, client copies of X-Forwarded-Host and additionalHeaders.
@@ -229,12 +242,17 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     if is_callback {
         return callback(r, provider, zone);
     }
+    if cookies.len() > 1 {
+        // Copies of the cookie from other scopes (authentik's own outpost sets `Domain=`):
+        // expire them where they may live, so the browser stops sending them.
+        expire_stale_cookie_scopes(r, provider);
+    }
     if let Some(session) = session {
         return pass_authenticated(r, provider, session);
     }
     let stale_cookie = cookie.is_some();
 
-    if !lcf.unauth.is_empty() && lcf.unauth.matches(&unauth_subject(r, provider)) {
+    if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
         return NGX_DECLINED as ngx_int_t;
     }
 
@@ -256,24 +274,59 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     start_login(r, provider, zone, return_to, stale_cookie)
 }
 
+/// The `/outpost.goauthentik.io/` endpoint `uri` names, at the root or under `external_host`'s
+/// path.
+fn outpost_endpoint_name<'a>(uri: &'a [u8], base_path: &str) -> Option<&'a [u8]> {
+    let prefix = OUTPOST_PREFIX.as_bytes();
+    uri.strip_prefix(prefix).or_else(|| {
+        let rest = uri.strip_prefix(base_path.as_bytes()).filter(|_| !base_path.is_empty())?;
+        rest.strip_prefix(prefix)
+    })
+}
+
+/// Every value of the provider's session cookie in the request, in order (usually one).
+fn session_cookies<'a>(r: &ngx_http_request_t, provider: &Provider) -> Vec<&'a [u8]> {
+    let name = provider.cookie_name.as_bytes();
+    let mut found = Vec::new();
+    for header in http::request_headers(r, b"cookie") {
+        found.extend(cookie::find_cookies(header, name));
+    }
+    found
+}
+
+/// The first of `cookies` that names a live session of this provider.
+fn find_first_session(
+    r: &ngx_http_request_t,
+    provider: &Provider,
+    zone: &SessionZone,
+    cookies: &[&[u8]],
+) -> Option<SessionView<'static>> {
+    cookies.iter().find_map(|value| {
+        let id = SessionId::from_cookie_value(value)?;
+        find_session(r, provider, zone, &id)
+    })
+}
+
 /// The session's record, copied from the zone into the request pool and viewed in place.
 /// `'static` stands for "as long as the request": the bytes are freed with the request pool.
 fn find_session(
     r: &ngx_http_request_t,
+    provider: &Provider,
     zone: &SessionZone,
     id: &SessionId,
 ) -> Option<SessionView<'static>> {
-    SessionView::parse(session_bytes(r, zone, id)?)
+    SessionView::parse(session_bytes(r, provider, zone, id)?)
 }
 
 /// The session's encoded record, copied into the request pool.
 fn session_bytes(
     r: &ngx_http_request_t,
+    provider: &Provider,
     zone: &SessionZone,
     id: &SessionId,
 ) -> Option<&'static [u8]> {
     let pool = r.pool;
-    zone.lookup(id, now(), |len| {
+    zone.lookup(id, provider.key, now(), |len| {
         // SAFETY: allocates from the request pool; nginx frees it with the request.
         let p = unsafe { nginx_sys::ngx_pnalloc(pool, len.max(1)) } as *mut u8;
         // SAFETY: `p` has room for `len` bytes and is exclusively ours.
@@ -295,6 +348,19 @@ fn remove_forged_headers(
     http::remove_request_headers(r, |name, _| {
         is_forged_identity_header(name, extra)
             || session.additional().any(|(own, _)| header_names_equal(own, name))
+    })
+}
+
+/// Removes the identity an earlier pass set for another provider (see `access`): every
+/// `X-authentik-*` header, that session's additionalHeaders and X-Forwarded-Host.
+fn remove_previous_identity(
+    r: &mut ngx_http_request_t,
+    previous: Option<&SessionView<'static>>,
+) -> bool {
+    http::remove_request_headers(r, |name, _| {
+        is_forged_identity_header(name, &["x-forwarded-host"])
+            || previous
+                .is_some_and(|s| s.additional().any(|(own, _)| header_names_equal(own, name)))
     })
 }
 
@@ -333,7 +399,7 @@ fn pass_authenticated(
     }
     let ctx = ctx_get(r).expect("request ctx");
     ctx.session = Some(session);
-    ctx.done = true;
+    ctx.done_for = provider;
     NGX_DECLINED as ngx_int_t
 }
 
@@ -346,16 +412,7 @@ fn outpost_endpoint(
     endpoint: &[u8],
 ) -> ngx_int_t {
     match endpoint {
-        b"ping" => {
-            r.headers_out.status = NGX_HTTP_NO_CONTENT as usize;
-            r.headers_out.content_length_n = 0;
-            r.set_header_only(1);
-            // SAFETY: sends the header of our own request.
-            let rc = unsafe { nginx_sys::ngx_http_send_header(r) };
-            // SAFETY: finalizes our own request; it is not used afterwards.
-            unsafe { nginx_sys::ngx_http_finalize_request(r, rc) };
-            nginx_sys::NGX_DONE as ngx_int_t
-        }
+        b"ping" => http::send_empty(r, NGX_HTTP_NO_CONTENT as usize),
         b"start" => {
             let origin = external_origin(r, provider);
             let rd = query_arg(http::bytes_of(&r.args), b"rd").and_then(decode_query_value);
@@ -368,8 +425,8 @@ fn outpost_endpoint(
                         provider.settings.cookie_domain.as_deref(),
                     )
                 })
-                .unwrap_or_else(|| format!("{origin}/"));
-            let stale = session_cookie(r, provider).is_some();
+                .unwrap_or_else(|| home_url(r, provider));
+            let stale = !session_cookies(r, provider).is_empty();
             start_login(r, provider, zone, return_to, stale)
         }
         b"callback" => callback(r, provider, zone),
@@ -377,6 +434,41 @@ fn outpost_endpoint(
         #[cfg(feature = "bench")]
         b"bench/fill" => bench_fill(r, provider, zone),
         _ => NGX_HTTP_NOT_FOUND as ngx_int_t,
+    }
+}
+
+/// Starts a provider call and suspends the request; a full queue or a failed post answers
+/// with a page.
+fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ngx_int_t {
+    let Some(mcf) = HttpAuthentikModule::main_conf(r) else {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
+    };
+    let pool = mcf.thread_pool;
+    let action = match &call {
+        Call::Login { .. } => "completing authentik login",
+        Call::Discovery { then: AfterDiscovery::SignOut { .. }, .. } => "signing out of authentik",
+        Call::Discovery { .. } => "starting authentik login",
+    };
+    match task::start(r, pool, provider, call) {
+        Ok(handle) => {
+            ctx_get(r).expect("request ctx").call = handle;
+            NGX_AGAIN as ngx_int_t
+        }
+        Err(e @ CallError::Busy) => {
+            log_error(r, NGX_LOG_ERR, &format!("{e}"), action);
+            page(
+                r,
+                provider,
+                NGX_HTTP_SERVICE_UNAVAILABLE,
+                "Service unavailable",
+                "Too many logins are in progress. Try again in a moment.",
+                true,
+            )
+        }
+        Err(e) => {
+            log_error(r, NGX_LOG_ALERT, &format!("{e}"), action);
+            NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
+        }
     }
 }
 
@@ -388,29 +480,36 @@ fn start_login(
     return_to: String,
     stale_cookie: bool,
 ) -> ngx_int_t {
-    let Some(discovery) = provider.cache.fresh_discovery(now()) else {
-        return suspend(
-            r,
-            provider,
-            Work::Discovery,
-            Resume::StartLogin { return_to, stale_cookie },
-        );
+    let failure = provider.cache.discovery_failure(now());
+    // A fetch failed moments ago: a stale document, or the failure, is the answer at once.
+    let usable = provider
+        .cache
+        .fresh_discovery(now())
+        .or_else(|| failure.as_ref().and_then(|_| provider.cache.any_discovery()));
+    let Some(discovery) = usable else {
+        if let Some(failure) = failure {
+            log_error(r, NGX_LOG_ERR, &failure, "fetching authentik provider discovery");
+            return provider_unavailable(r, provider);
+        }
+        let then = AfterDiscovery::StartLogin { return_to, stale_cookie };
+        return start_call(r, provider, Call::Discovery { then, result: None });
     };
     let (scheme, host) = (http::scheme(r), http::host(r));
     let redirect_uri = provider.settings.redirect_uri(scheme, &host);
     let login = PendingLogin::new(return_to, redirect_uri, now());
-    match zone.insert_login(&login, provider.login_timeout, now()) {
-        Ok(eviction) => warn_eviction(r, zone, &eviction, "starting authentik login"),
-        Err(e) => {
-            log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
-            return page(
-                r,
+    if let Err(e) = zone.insert_login(&login, provider.login_timeout, now()) {
+        log_error(r, NGX_LOG_ERR, &format!("{e}"), "starting authentik login");
+        let (status, title, message) = match e {
+            ZoneError::TooLarge(..) => {
+                (NGX_HTTP_BAD_REQUEST, "Bad request", "This request is too large to log in from.")
+            }
+            _ => (
                 NGX_HTTP_SERVICE_UNAVAILABLE,
                 "Service unavailable",
                 "Too many logins are in progress. Try again in a moment.",
-                true,
-            );
-        }
+            ),
+        };
+        return page(r, provider, status, title, message, true);
     }
     let url = authorize_url(
         &discovery.authorization_endpoint,
@@ -418,7 +517,8 @@ fn start_login(
         &provider.settings.scopes,
         &login,
     );
-    let attrs = login_cookie_attributes(r, provider);
+    let login_path = login_cookie_path(provider);
+    let attrs = CookieAttributes { path: &login_path, ..session_cookie_attributes(r, provider) };
     let name = cookie::login_cookie_name(&provider.cookie_name, &login.state);
     let set = cookie::set_cookie(&name, &login.binding, provider.login_timeout, &attrs);
     if stale_cookie {
@@ -435,23 +535,24 @@ fn callback(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone)
     let error = query_arg(args, b"error").and_then(decode_query_value);
 
     let Some(state) = state else {
-        return invalid_state(r, "the login request has no state");
+        return invalid_state(r, provider, "the login request has no state");
     };
     let Some(login) = zone.take_login(&state, now()) else {
-        return invalid_state(r, "login state is unknown, expired or already used");
+        return invalid_state(r, provider, "login state is unknown, expired or already used");
     };
     let login_cookie = cookie::login_cookie_name(&provider.cookie_name, &state);
     let binding = http::request_headers(r, b"cookie")
         .find_map(|h| cookie::find_cookie(h, login_cookie.as_bytes()));
     if !binding.is_some_and(|b| login.binding_matches(b)) {
-        return invalid_state(r, "login state does not belong to this browser");
+        return invalid_state(r, provider, "login state does not belong to this browser");
     }
     if let Some(error) = error {
         let msg = format!("identity provider refused the login: \"{}\"", error.escape_default());
         log_error(r, NGX_LOG_WARN, &msg, "completing authentik login");
-        expire_cookie(r, provider, &login_cookie, LOGIN_COOKIE_PATH);
+        expire_cookie(r, provider, &login_cookie, &login_cookie_path(provider));
         return page(
             r,
+            provider,
             NGX_HTTP_FORBIDDEN,
             "Access denied",
             "The identity provider did not allow this login.",
@@ -459,23 +560,16 @@ fn callback(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone)
         );
     }
     let Some(code) = code else {
-        return invalid_state(r, "the login response has no code");
+        return invalid_state(r, provider, "the login response has no code");
     };
-    let return_to = login.return_to.clone();
-    // SAFETY: zones live as long as the configuration.
+    let login = Box::new(login);
     let max_lifetime = zone.timeout;
-    suspend(
-        r,
-        provider,
-        Work::Login { login, code, max_lifetime },
-        Resume::Callback { login_cookie, return_to },
-    )
+    start_call(r, provider, Call::Login { login, code, max_lifetime, login_cookie, result: None })
 }
 
 fn sign_out(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
-    let record = session_cookie(r, provider)
-        .and_then(SessionId::from_cookie_value)
-        .and_then(|id| find_session(r, zone, &id));
+    let cookies = session_cookies(r, provider);
+    let record = find_first_session(r, provider, zone, &cookies);
     let id_token = record.map(|rec| String::from_utf8_lossy(rec.logout_hint()).into_owned());
     if let Some(rec) = &record {
         zone.remove_by_sub(&String::from_utf8_lossy(rec.sub));
@@ -484,12 +578,14 @@ fn sign_out(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone)
     if record.is_none() {
         return redirect(r, "/");
     }
-    match provider.cache.any_discovery() {
-        Some(discovery) => {
-            finish_sign_out(r, provider, discovery.end_session_endpoint.as_deref(), id_token)
-        }
-        None => suspend(r, provider, Work::Discovery, Resume::SignOut { id_token }),
+    if let Some(discovery) = provider.cache.any_discovery() {
+        return finish_sign_out(r, provider, discovery.end_session_endpoint.as_deref(), id_token);
     }
+    if provider.cache.discovery_failure(now()).is_some() {
+        return finish_sign_out(r, provider, None, id_token);
+    }
+    let then = AfterDiscovery::SignOut { id_token };
+    start_call(r, provider, Call::Discovery { then, result: None })
 }
 
 fn finish_sign_out(
@@ -521,72 +617,55 @@ fn finish_sign_out(
 
 /* thread-pool round trips */
 
-fn suspend(
-    r: &mut ngx_http_request_t,
-    provider: &Provider,
-    work: Work,
-    resume: Resume,
-) -> ngx_int_t {
-    let Some(mcf) = HttpAuthentikModule::main_conf(r) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    };
-    let pool = mcf.thread_pool;
-    let mut slot = ptr::null_mut();
-    if !task::post(r, pool, provider, work, &mut slot) {
-        log_error(
-            r,
-            NGX_LOG_ERR,
-            "cannot post a task to the thread pool",
-            "starting authentik login",
-        );
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    }
-    let ctx = ctx_get(r).expect("request ctx");
-    ctx.task = slot;
-    ctx.resume = Some(resume);
-    NGX_AGAIN as ngx_int_t
-}
-
-fn resume_after_task(
+/// Continues a request whose provider call ended.
+fn resume(
     r: &mut ngx_http_request_t,
     provider: &Provider,
     zone: &SessionZone,
-    resume: Resume,
-    outcome: Outcome,
+    call: Call,
 ) -> ngx_int_t {
-    match (resume, outcome) {
-        (Resume::StartLogin { return_to, stale_cookie }, Outcome::Discovery(Ok(_))) => {
-            start_login(r, provider, zone, return_to, stale_cookie)
+    match call {
+        Call::Discovery {
+            then: AfterDiscovery::StartLogin { return_to, stale_cookie },
+            result,
+        } => {
+            if result.as_ref().is_some_and(Result::is_ok)
+                || provider.cache.fresh_discovery(now()).is_some()
+                || provider.cache.discovery_failure(now()).is_some()
+            {
+                // start_login answers from the cache: the document or the recent failure.
+                return start_login(r, provider, zone, return_to, stale_cookie);
+            }
+            let reason = match result {
+                Some(Err(e)) => e.to_string(),
+                _ => provider
+                    .cache
+                    .discovery_failure(now())
+                    .unwrap_or_else(|| "discovery document is unavailable".to_string()),
+            };
+            log_error(r, NGX_LOG_ERR, &reason, "fetching authentik provider discovery");
+            provider_unavailable(r, provider)
         }
-        (Resume::StartLogin { .. }, Outcome::Discovery(Err(e))) => {
-            log_error(r, NGX_LOG_ERR, &format!("{e}"), "fetching authentik provider discovery");
-            provider_unavailable(r)
+        Call::Discovery { then: AfterDiscovery::SignOut { id_token }, .. } => {
+            let discovery = provider.cache.any_discovery();
+            let end = discovery.as_ref().and_then(|d| d.end_session_endpoint.as_deref());
+            finish_sign_out(r, provider, end, id_token)
         }
-        (Resume::SignOut { id_token }, Outcome::Discovery(result)) => {
-            let discovery = result.ok();
-            let end = discovery.as_ref().and_then(|d| d.end_session_endpoint.clone());
-            finish_sign_out(r, provider, end.as_deref(), id_token)
-        }
-        (Resume::Callback { login_cookie, return_to }, Outcome::Login(result)) => {
-            expire_cookie(r, provider, &login_cookie, LOGIN_COOKIE_PATH);
+        Call::Login { login, login_cookie, result, .. } => {
+            expire_cookie(r, provider, &login_cookie, &login_cookie_path(provider));
             match result {
-                Ok(record) => create_session(r, provider, zone, *record, &return_to),
-                Err(e) => {
+                Some(Ok(record)) => create_session(r, provider, zone, *record, &login.return_to),
+                Some(Err(e)) => {
                     let what = match &e {
                         LoginError::Provider(_) => "redeeming authentik login code",
                         _ => "validating authentik login tokens",
                     };
                     log_error(r, NGX_LOG_ERR, &format!("{e}"), what);
-                    provider_unavailable(r)
+                    provider_unavailable(r, provider)
                 }
+                None => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
             }
         }
-        (_, Outcome::Panicked(msg)) => {
-            let msg = format!("provider task panicked: {msg}");
-            log_error(r, NGX_LOG_ALERT, &msg, "talking to the authentik provider");
-            NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
-        }
-        _ => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
     }
 }
 
@@ -601,13 +680,27 @@ fn create_session(
     let mut attempt = 0;
     let (id, eviction) = loop {
         let id = SessionId::generate();
-        match zone.insert(&id, &record, now) {
+        match zone.insert(&id, provider.key, &record, now) {
             Ok(eviction) => break (id, eviction),
-            Err(crate::zone::ZoneError::Collision) if attempt < 3 => attempt += 1,
+            Err(ZoneError::Collision) if attempt < 3 => attempt += 1,
+            Err(e @ ZoneError::TooLarge(..)) => {
+                let msg = format!("session of \"{}\" not stored: {e}", record.sub.escape_default());
+                log_error(r, NGX_LOG_ERR, &msg, "creating authentik session");
+                return page(
+                    r,
+                    provider,
+                    nginx_sys::NGX_HTTP_BAD_GATEWAY,
+                    "Login unavailable",
+                    "Your account carries more identity data than this site can store. \
+                     Ask your administrator.",
+                    false,
+                );
+            }
             Err(e) => {
                 log_error(r, NGX_LOG_ERR, &format!("{e}"), "creating authentik session");
                 return page(
                     r,
+                    provider,
                     NGX_HTTP_SERVICE_UNAVAILABLE,
                     "Service unavailable",
                     "The session store is full. Try again in a moment.",
@@ -647,25 +740,31 @@ fn redirect(r: &mut ngx_http_request_t, url: &str) -> ngx_int_t {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     }
     http::add_response_header(r, &http::CACHE_CONTROL, b"no-store");
+    // nginx's special response discards the request body too; done here so that no path
+    // through this module leaves a body on a keep-alive connection.
+    http::discard_body(r);
     NGX_HTTP_MOVED_TEMPORARILY as ngx_int_t
 }
 
 fn page(
     r: &mut ngx_http_request_t,
+    provider: &Provider,
     status: u32,
     title: &str,
     message: &str,
     retry: bool,
 ) -> ngx_int_t {
-    let link = retry.then_some((START_PATH, "Log in again"));
+    let start = format!("{}{OUTPOST_PREFIX}start", provider.base_path);
+    let link = retry.then_some((start.as_str(), "Log in again"));
     let html = error_page(title, message, link);
     http::send_page(r, status as usize, &html)
 }
 
-fn invalid_state(r: &mut ngx_http_request_t, reason: &str) -> ngx_int_t {
+fn invalid_state(r: &mut ngx_http_request_t, provider: &Provider, reason: &str) -> ngx_int_t {
     log_error(r, NGX_LOG_WARN, reason, "completing authentik login");
     page(
         r,
+        provider,
         NGX_HTTP_BAD_REQUEST,
         "Login expired",
         "This login link is invalid or has expired. Please start again.",
@@ -673,9 +772,10 @@ fn invalid_state(r: &mut ngx_http_request_t, reason: &str) -> ngx_int_t {
     )
 }
 
-fn provider_unavailable(r: &mut ngx_http_request_t) -> ngx_int_t {
+fn provider_unavailable(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
     page(
         r,
+        provider,
         nginx_sys::NGX_HTTP_BAD_GATEWAY,
         "Login unavailable",
         "The identity provider could not be reached or gave an invalid answer. Try again later.",
@@ -697,11 +797,6 @@ fn log_error(r: &mut ngx_http_request_t, level: u32, msg: &str, action: &str) {
 
 /* cookies */
 
-fn session_cookie<'a>(r: &ngx_http_request_t, provider: &Provider) -> Option<&'a [u8]> {
-    let name = provider.cookie_name.as_bytes();
-    http::request_headers(r, b"cookie").find_map(|h| cookie::find_cookie(h, name))
-}
-
 fn session_cookie_attributes<'a>(
     r: &ngx_http_request_t,
     provider: &'a Provider,
@@ -713,11 +808,29 @@ fn session_cookie_attributes<'a>(
     }
 }
 
-fn login_cookie_attributes<'a>(
-    r: &ngx_http_request_t,
-    provider: &'a Provider,
-) -> CookieAttributes<'a> {
-    CookieAttributes { path: LOGIN_COOKIE_PATH, ..session_cookie_attributes(r, provider) }
+/// Where the login-binding cookie lives: the callback's directory, under `external_host`'s path.
+fn login_cookie_path(provider: &Provider) -> String {
+    format!("{}{OUTPOST_PREFIX}", provider.base_path)
+}
+
+/// Expires the session cookie in every `Domain=` scope a stale copy may live in, other than
+/// the one the module sets.
+fn expire_stale_cookie_scopes(r: &mut ngx_http_request_t, provider: &Provider) {
+    let host = http::host(r);
+    let attrs = session_cookie_attributes(r, provider);
+    let mut sets = Vec::new();
+    for domain in cookie::stale_cookie_domains(&host, attrs.domain) {
+        let scope = CookieAttributes { domain: Some(domain), ..attrs.clone() };
+        sets.push(cookie::expire_cookie(&provider.cookie_name, &scope));
+    }
+    if attrs.domain.is_some() {
+        // The module's cookie carries Domain=: a host-only copy is stale.
+        let scope = CookieAttributes { domain: None, ..attrs.clone() };
+        sets.push(cookie::expire_cookie(&provider.cookie_name, &scope));
+    }
+    for set in sets {
+        http::add_response_header(r, &http::SET_COOKIE, set.as_bytes());
+    }
 }
 
 fn cookie_domain(provider: &Provider) -> Option<&str> {
@@ -744,7 +857,14 @@ fn external_origin(r: &ngx_http_request_t, provider: &Provider) -> String {
     provider.settings.external_origin(http::scheme(r), &http::host(r))
 }
 
-/// Where the user should land after logging in: this request's URL.
+/// The external host's root (with `external_host`'s path): where a refused or over-long return
+/// URL lands.
+fn home_url(r: &ngx_http_request_t, provider: &Provider) -> String {
+    format!("{}{}/", external_origin(r, provider), provider.base_path)
+}
+
+/// Where the user should land after logging in: this request's URL (the external host's root
+/// when it is longer than `MAX_RETURN_URL`).
 fn current_url(r: &ngx_http_request_t, provider: &Provider) -> String {
     let uri = String::from_utf8_lossy(http::bytes_of(&r.unparsed_uri));
     let external = external_origin(r, provider);
@@ -752,21 +872,27 @@ fn current_url(r: &ngx_http_request_t, provider: &Provider) -> String {
         Mode::ForwardDomain => format!("{}://{}{uri}", http::scheme(r), http::host(r)),
         _ => format!("{external}{uri}"),
     };
+    if url.len() > MAX_RETURN_URL {
+        return home_url(r, provider);
+    }
     let mode = provider.settings.mode;
     validate_return_to(&url, mode, &external, provider.settings.cookie_domain.as_deref())
-        .unwrap_or_else(|| format!("{external}/"))
+        .unwrap_or_else(|| home_url(r, provider))
 }
 
-/// The string unauthenticated paths are matched against (authentik's semantics).
-fn unauth_subject(r: &ngx_http_request_t, provider: &Provider) -> String {
+/// Whether the request may pass without a session: the unauthenticated-path patterns must
+/// match both what the upstream can see (the raw request target, decoded, and refused when it
+/// can be read two ways; see `UnauthPaths::exempts`) and nginx's normalised `$uri`. In
+/// forward_domain mode the subject is the URL on the host nginx routed the request on.
+fn exempt(r: &ngx_http_request_t, provider: &Provider, unauth: &UnauthPaths) -> bool {
+    let raw = http::bytes_of(&r.unparsed_uri);
+    let uri = http::bytes_of(&r.uri);
     match provider.settings.mode {
-        Mode::ForwardDomain => format!(
-            "{}://{}{}",
-            http::scheme(r),
-            http::host(r),
-            String::from_utf8_lossy(http::bytes_of(&r.unparsed_uri))
-        ),
-        _ => String::from_utf8_lossy(http::bytes_of(&r.uri)).into_owned(),
+        Mode::ForwardDomain => {
+            let origin = format!("{}://{}", http::scheme(r), http::routed_host(r));
+            unauth.exempts(raw, uri, Some(&origin))
+        }
+        _ => unauth.exempts(raw, uri, None),
     }
 }
 
@@ -775,9 +901,10 @@ fn unauth_subject(r: &ngx_http_request_t, provider: &Provider) -> String {
 /// without running a million logins. Answers with the zone's session count and free pages.
 #[cfg(feature = "bench")]
 fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZone) -> ngx_int_t {
-    let Some(record) = session_cookie(r, provider)
-        .and_then(SessionId::from_cookie_value)
-        .and_then(|id| session_bytes(r, zone, &id))
+    let Some(record) = session_cookies(r, provider)
+        .first()
+        .and_then(|v| SessionId::from_cookie_value(v))
+        .and_then(|id| session_bytes(r, provider, zone, &id))
         .and_then(|bytes| SessionRecord::decode(bytes).ok())
     else {
         return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
@@ -787,7 +914,7 @@ fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider, zone: &SessionZon
         .unwrap_or(1000);
     let mut evicted = 0;
     for _ in 0..n {
-        if let Ok(e) = zone.insert(&SessionId::generate(), &record, now()) {
+        if let Ok(e) = zone.insert(&SessionId::generate(), provider.key, &record, now()) {
             evicted += e.evicted;
         }
     }

@@ -6,10 +6,10 @@ use core::mem::size_of;
 use core::ptr;
 
 use nginx_sys::{
-    ngx_buf_t, ngx_chain_t, ngx_http_finalize_request, ngx_http_output_filter, ngx_http_request_t,
-    ngx_http_send_header, ngx_int_t, ngx_list_part_t, ngx_list_push, ngx_palloc, ngx_pcalloc,
-    ngx_pnalloc, ngx_str_t, ngx_table_elt_t, ngx_uint_t, NGX_DONE, NGX_ERROR,
-    NGX_HTTP_INTERNAL_SERVER_ERROR,
+    ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
+    ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_part_t,
+    ngx_list_push, ngx_palloc, ngx_pcalloc, ngx_pnalloc, ngx_str_t, ngx_table_elt_t, ngx_uint_t,
+    NGX_DONE, NGX_ERROR, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_OK,
 };
 
 /// nginx's `ngx_hash()` over a lowercase header name: what `proxy_set_header` matching expects.
@@ -310,9 +310,35 @@ pub fn set_location(r: &mut ngx_http_request_t, url: &str) -> bool {
     true
 }
 
+/// Reads and drops the request body, as nginx's own handlers do before answering without
+/// reading it: otherwise, on a keep-alive connection, the body would be parsed as the next
+/// request (request smuggling). HTTP/1.x `Content-Length` and chunked bodies, and HTTP/2 and
+/// HTTP/3 streams, are handled by nginx; if discarding fails the connection is not kept alive.
+pub fn discard_body(r: &mut ngx_http_request_t) {
+    // SAFETY: `r` is the live request being answered; discarding twice is a no-op in nginx.
+    if unsafe { ngx_http_discard_request_body(r) } != NGX_OK as ngx_int_t {
+        r.set_keepalive(0);
+    }
+}
+
+/// Sends `status` with no body (ping's 204) and finalizes the request.
+pub fn send_empty(r: &mut ngx_http_request_t, status: usize) -> ngx_int_t {
+    discard_body(r);
+    r.headers_out.status = status as ngx_uint_t;
+    r.headers_out.content_length_n = 0;
+    r.set_header_only(1);
+    let rp = r as *mut ngx_http_request_t;
+    // SAFETY: sends the header of the request we were handed.
+    let rc = unsafe { ngx_http_send_header(r) };
+    // SAFETY: finalizes the request we were handed; it is not used afterwards.
+    unsafe { ngx_http_finalize_request(rp, rc) };
+    NGX_DONE as ngx_int_t
+}
+
 /// Sends `status` with an HTML body and finalizes the request; the access handler then returns
-/// the result (NGX_DONE) so that phase processing stops.
+/// the result (NGX_DONE) so that phase processing stops. The request body is discarded first.
 pub fn send_page(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
+    discard_body(r);
     let rp = r as *mut ngx_http_request_t;
     let rc = send_page_inner(r, status, html);
     // SAFETY: finalizes the request we were handed; it is not used afterwards.
@@ -385,4 +411,20 @@ pub fn host(r: &ngx_http_request_t) -> String {
         }
     }
     String::from_utf8_lossy(bytes_of(&r.headers_in.server)).into_owned()
+}
+
+/// The host nginx routed the request on (the request line's host for an absolute-form target,
+/// else the `Host` header; validated and lowercased by nginx), with the `Host` header's port
+/// when that header names the same host. Never the client's `Host` alone when the request line
+/// says otherwise.
+pub fn routed_host(r: &ngx_http_request_t) -> String {
+    let server = String::from_utf8_lossy(bytes_of(&r.headers_in.server)).to_ascii_lowercase();
+    let Some(header) = request_header(r, b"host") else {
+        return server;
+    };
+    let header = String::from_utf8_lossy(header).to_ascii_lowercase();
+    match header.rsplit_once(':') {
+        Some((name, port)) if name == server && port.bytes().all(|b| b.is_ascii_digit()) => header,
+        _ => server,
+    }
 }

@@ -4,51 +4,265 @@
 //! only at login, a few times per user per day, while the event loop serves every other
 //! request. A blocking client on nginx's own `thread_pool` keeps the event loop free without
 //! reimplementing an HTTP/TLS client on nginx connections, and a stalled provider only ties up
-//! pool threads. The request waits suspended (`r->main->blocked`), exactly like nginx's
-//! `aio threads` file reads; when the work is done, the completion event runs the phase
-//! handlers again and the access handler picks up the outcome.
+//! pool threads, and only as many as `max_pending_calls` allows per provider and worker.
+//!
+//! One [`Call`] is one round trip: the work and what the request does with its result, in one
+//! value, so impossible pairs cannot be written. The call is a heap object shared by the
+//! request (through its context) and the thread pool's completion event; whichever of the two
+//! ends last frees it. The request is not `blocked` while it waits: when its client goes away
+//! nginx frees it at once (`ngx_http_test_reading` watches the connection), and the completion
+//! event then only frees the call.
+//!
+//! Discovery is single-flight per provider and worker: while one fetch is in flight, other
+//! requests that need the document wait on the event loop (no thread each) and are woken when
+//! it ends; after a failure the metadata cache answers fast for a few seconds.
 
 use core::ffi::c_void;
-use core::mem::size_of;
+use core::ptr;
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 
-use authentik_core::config::ProviderSettings;
-use authentik_core::oidc::discovery::Discovery;
-use authentik_core::oidc::{
-    complete_login, LoginError, MetadataCache, PendingLogin, ProviderClient, ProviderError,
-};
+use authentik_core::oidc::{complete_login, LoginError, PendingLogin, ProviderError};
 use authentik_core::session::SessionRecord;
 use nginx_sys::{
-    ngx_event_t, ngx_http_request_t, ngx_http_run_posted_requests, ngx_log_t, ngx_pool_cleanup_add,
-    ngx_thread_pool_t, ngx_thread_task_alloc, ngx_thread_task_post, NGX_OK,
+    ngx_event_t, ngx_http_block_reading, ngx_http_request_t, ngx_http_run_posted_requests,
+    ngx_http_test_reading, ngx_log_t, ngx_pool_cleanup_add, ngx_thread_pool_t,
+    ngx_thread_task_post, ngx_thread_task_t, NGX_OK,
 };
 
 use crate::conf::Provider;
 
-/// What to do off the event loop.
-pub enum Work {
-    /// Make sure a fresh discovery document is cached.
-    Discovery,
-    /// Redeem an authorization code and build the session record.
-    Login { login: PendingLogin, code: String, max_lifetime: i64 },
+/// Requests that may wait for one provider's discovery fetch in one worker; beyond, 503.
+pub const MAX_DISCOVERY_WAITERS: usize = 256;
+
+/// What the request does once the provider's discovery document is known (or known to be
+/// unavailable).
+pub enum AfterDiscovery {
+    StartLogin { return_to: String, stale_cookie: bool },
+    SignOut { id_token: Option<String> },
 }
 
-/// The result, handed back to the access handler.
-pub enum Outcome {
-    Discovery(Result<Arc<Discovery>, ProviderError>),
-    Login(Result<Box<SessionRecord>, LoginError>),
-    /// The work panicked (a bug); the panic was contained in the thread. Its message.
+/// One provider round trip and its result.
+pub enum Call {
+    /// Fetch the discovery document into the metadata cache, then continue. A waiter (not
+    /// posted, woken by the fetch in flight) has `result: None` when it ends.
+    Discovery { then: AfterDiscovery, result: Option<Result<(), ProviderError>> },
+    /// Redeem an authorization code and build the session record, then create the session.
+    Login {
+        login: Box<PendingLogin>,
+        code: String,
+        max_lifetime: i64,
+        login_cookie: String,
+        result: Option<Result<Box<SessionRecord>, LoginError>>,
+    },
+}
+
+/// Why a call could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("too many calls to the identity provider are in progress")]
+    Busy,
+    #[error("cannot post a task to the thread pool")]
+    Post,
+    #[error("out of memory")]
+    NoMemory,
+}
+
+/// Per-worker state of one provider's calls (the provider's configuration is copied into every
+/// worker by fork, so this is never shared between processes).
+#[derive(Default)]
+pub struct CallState {
+    /// Calls posted to the thread pool and not yet completed.
+    in_flight: Cell<usize>,
+    /// A discovery fetch is in flight; these calls wait for it.
+    discovery_waiters: RefCell<Option<Vec<*mut CallHandle>>>,
+}
+
+/// The heap object behind a call: nginx's thread task and the call, shared by the request and
+/// the completion event.
+pub struct CallHandle {
+    task: ngx_thread_task_t,
+    /// The suspended request; null once it has been freed.
+    request: *mut ngx_http_request_t,
+    provider: *const Provider,
+    call: Option<Call>,
+    /// The thread panicked (a bug); its message. Set before the completion event.
+    panicked: Option<String>,
+    /// The completion event ran (or a waiter was woken).
+    finished: bool,
+    /// Counted in `CallState::in_flight`.
+    posted: bool,
+}
+
+/// How a finished call ended, for the request.
+pub enum Finished {
+    Done(Call),
     Panicked(String),
 }
 
-/// Owned by the request (freed by a pool cleanup); the thread fills `outcome`.
-pub struct TaskData {
-    work: Work,
-    settings: Arc<ProviderSettings>,
-    cache: Arc<MetadataCache>,
-    client: ProviderClient,
-    outcome: Option<Outcome>,
+impl CallHandle {
+    /// Whether the call has ended; until then the request stays suspended even if nginx runs
+    /// its phase handlers again (a write event on the connection does that).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The ended call, taken once.
+    pub fn take(&mut self) -> Option<Finished> {
+        if let Some(msg) = self.panicked.take() {
+            self.call = None;
+            return Some(Finished::Panicked(msg));
+        }
+        self.call.take().map(Finished::Done)
+    }
+}
+
+/// Starts `call` for `r`: posts it to `pool`, or, for a discovery while one is in flight, queues
+/// it behind that fetch. On success the access handler returns `NGX_AGAIN`.
+pub fn start(
+    r: &mut ngx_http_request_t,
+    pool: *mut ngx_thread_pool_t,
+    provider: &Provider,
+    call: Call,
+) -> Result<*mut CallHandle, CallError> {
+    let state = &provider.calls;
+    let wait = matches!(call, Call::Discovery { .. }) && state.discovery_in_flight();
+    if wait && state.waiter_count() >= MAX_DISCOVERY_WAITERS {
+        return Err(CallError::Busy);
+    }
+    if !wait && state.in_flight.get() >= provider.max_pending_calls {
+        return Err(CallError::Busy);
+    }
+    let handle = new_handle(r, provider, call)?;
+    if wait {
+        state.push_waiter(handle);
+    } else {
+        // SAFETY: `handle` is live; on failure the request's cleanup frees it (not finished,
+        // so mark it finished first: nothing else will complete it).
+        if let Err(e) = unsafe { post(handle, pool) } {
+            // SAFETY: the handle was never posted; the cleanup frees it with the request.
+            unsafe { (*handle).finished = true };
+            return Err(e);
+        }
+    }
+    suspend(r);
+    Ok(handle)
+}
+
+impl CallState {
+    fn discovery_in_flight(&self) -> bool {
+        self.discovery_waiters.borrow().is_some()
+    }
+    fn waiter_count(&self) -> usize {
+        self.discovery_waiters.borrow().as_ref().map_or(0, Vec::len)
+    }
+    fn push_waiter(&self, handle: *mut CallHandle) {
+        if let Some(waiters) = self.discovery_waiters.borrow_mut().as_mut() {
+            waiters.push(handle);
+        }
+    }
+}
+
+fn new_handle(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    call: Call,
+) -> Result<*mut CallHandle, CallError> {
+    // SAFETY: a zeroed ngx_thread_task_t is what ngx_thread_task_alloc() hands out.
+    let task: ngx_thread_task_t = unsafe { core::mem::zeroed() };
+    let handle = Box::into_raw(Box::new(CallHandle {
+        task,
+        request: r,
+        provider,
+        call: Some(call),
+        panicked: None,
+        finished: false,
+        posted: false,
+    }));
+    // SAFETY: registers the request side's release of the handle with the request pool.
+    let cln = unsafe { ngx_pool_cleanup_add(r.pool, 0) };
+    if cln.is_null() {
+        // SAFETY: nothing else knows the handle yet.
+        drop(unsafe { Box::from_raw(handle) });
+        return Err(CallError::NoMemory);
+    }
+    // SAFETY: `cln` is a fresh cleanup entry of the request pool.
+    unsafe {
+        (*cln).handler = Some(request_gone);
+        (*cln).data = handle as *mut c_void;
+    }
+    Ok(handle)
+}
+
+/// # Safety
+/// `handle` is a live handle that was not posted yet.
+unsafe fn post(handle: *mut CallHandle, pool: *mut ngx_thread_pool_t) -> Result<(), CallError> {
+    // SAFETY: the caller guarantees `handle` is live; its provider outlives the worker's cycle.
+    let h = unsafe { &mut *handle };
+    let provider = unsafe { &*h.provider };
+    h.task.ctx = handle as *mut c_void;
+    h.task.handler = Some(run_in_thread);
+    h.task.event.data = handle as *mut c_void;
+    h.task.event.handler = Some(completed);
+    if matches!(h.call, Some(Call::Discovery { .. })) {
+        *provider.calls.discovery_waiters.borrow_mut() = Some(Vec::new());
+    }
+    // SAFETY: posts the handle's own task; it stays allocated until the completion event.
+    if unsafe { ngx_thread_task_post(pool, &mut h.task) } != NGX_OK as isize {
+        if matches!(h.call, Some(Call::Discovery { .. })) {
+            wake_waiters(provider);
+        }
+        return Err(CallError::Post);
+    }
+    h.posted = true;
+    provider.calls.in_flight.set(provider.calls.in_flight.get() + 1);
+    Ok(())
+}
+
+/// While suspended, a closed client connection finalizes (and frees) the request.
+fn suspend(r: &mut ngx_http_request_t) {
+    r.read_event_handler = Some(ngx_http_test_reading);
+}
+
+/// Runs on a pool thread: no nginx calls here.
+unsafe extern "C" fn run_in_thread(ctx: *mut c_void, _log: *mut ngx_log_t) {
+    // SAFETY: `ctx` is the handle; until the completion event only this thread touches its
+    // call (the event loop reads `request`/`finished` only, which the thread never touches).
+    let handle = unsafe { &mut *(ctx as *mut CallHandle) };
+    // SAFETY: the provider's configuration outlives the worker's calls.
+    let provider = unsafe { &*handle.provider };
+    let Some(call) = handle.call.as_mut() else { return };
+    let ran = catch_unwind(AssertUnwindSafe(|| run(provider, call)));
+    if let Err(panic) = ran {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        handle.panicked = Some(msg);
+    }
+}
+
+fn run(provider: &Provider, call: &mut Call) {
+    let now = unix_now();
+    match call {
+        Call::Discovery { result, .. } => {
+            let fetched = provider.cache.discovery(&provider.client, &provider.settings, now);
+            *result = Some(fetched.map(drop));
+        }
+        Call::Login { login, code, max_lifetime, result, .. } => {
+            let record = complete_login(
+                &provider.settings,
+                &provider.cache,
+                &provider.client,
+                login,
+                code,
+                *max_lifetime,
+                now,
+            );
+            *result = Some(record.map(Box::new));
+        }
+    }
 }
 
 fn unix_now() -> i64 {
@@ -58,126 +272,70 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-impl TaskData {
-    fn run(&mut self) -> Outcome {
-        let now = unix_now();
-        match &self.work {
-            Work::Discovery => {
-                Outcome::Discovery(self.cache.discovery(&self.client, &self.settings, now))
-            }
-            Work::Login { login, code, max_lifetime } => Outcome::Login(
-                complete_login(
-                    &self.settings,
-                    &self.cache,
-                    &self.client,
-                    login,
-                    code,
-                    *max_lifetime,
-                    now,
-                )
-                .map(Box::new),
-            ),
-        }
+/// Completion event on the worker's event loop.
+unsafe extern "C" fn completed(ev: *mut ngx_event_t) {
+    // SAFETY: the event's data is the handle posted in `post`.
+    let handle = unsafe { (*ev).data as *mut CallHandle };
+    // SAFETY: the handle is live until both sides are done with it.
+    let h = unsafe { &mut *handle };
+    // SAFETY: the provider's configuration outlives the worker's calls.
+    let provider = unsafe { &*h.provider };
+    if h.posted {
+        h.posted = false;
+        provider.calls.in_flight.set(provider.calls.in_flight.get().saturating_sub(1));
+    }
+    let was_discovery = matches!(h.call, Some(Call::Discovery { .. }));
+    // SAFETY: `handle` is live; `finish` may free it.
+    unsafe { finish(handle) };
+    if was_discovery {
+        wake_waiters(provider);
     }
 }
 
-/// Posts `work` to the thread pool and suspends the request. On success the access handler
-/// must return `NGX_AGAIN`; `on_done` is the completion handler that resumes it.
-pub fn post(
-    r: &mut ngx_http_request_t,
-    pool: *mut ngx_thread_pool_t,
-    provider: &Provider,
-    work: Work,
-    slot: &mut *mut TaskData,
-) -> bool {
-    let data = Box::into_raw(Box::new(TaskData {
-        work,
-        settings: provider.settings.clone(),
-        cache: provider.cache.clone(),
-        client: provider.client.clone(),
-        outcome: None,
-    }));
-    // SAFETY: the cleanup frees `data` with the request pool, i.e. after the task completed
-    // (a blocked request is never freed while its task runs).
-    unsafe {
-        let cln = ngx_pool_cleanup_add(r.pool, 0);
-        if cln.is_null() {
-            drop(Box::from_raw(data));
-            return false;
-        }
-        (*cln).handler = Some(free_task_data);
-        (*cln).data = data as *mut c_void;
+/// Wakes every request waiting for the provider's discovery fetch.
+fn wake_waiters(provider: &Provider) {
+    let waiters = provider.calls.discovery_waiters.borrow_mut().take().unwrap_or_default();
+    for handle in waiters {
+        // SAFETY: waiters stay allocated until woken (see `request_gone`).
+        unsafe { finish(handle) };
     }
-    *slot = data;
+}
 
-    // SAFETY: allocates and posts an nginx thread task; its context holds the data pointer.
-    unsafe {
-        let task = ngx_thread_task_alloc(r.pool, size_of::<*mut TaskData>());
-        if task.is_null() {
-            return false;
-        }
-        *((*task).ctx as *mut *mut TaskData) = data;
-        (*task).handler = Some(run_task);
-        (*task).event.data = r as *mut ngx_http_request_t as *mut c_void;
-        (*task).event.handler = Some(task_done);
-        if ngx_thread_task_post(pool, task) != NGX_OK as isize {
-            return false;
-        }
-        let main = &mut *r.main;
-        main.set_blocked(main.blocked() + 1);
-        r.set_aio(1);
+/// Marks the call finished and resumes its request, or frees the call if the request is gone.
+///
+/// # Safety
+/// `handle` is live; it may be freed here.
+unsafe fn finish(handle: *mut CallHandle) {
+    // SAFETY: the caller guarantees `handle` is live.
+    let h = unsafe { &mut *handle };
+    h.finished = true;
+    if h.request.is_null() {
+        // SAFETY: the request already released its side; this was the last owner.
+        drop(unsafe { Box::from_raw(handle) });
+        return;
     }
-    true
-}
-
-/// Takes the outcome of a finished task.
-pub fn take_outcome(data: *mut TaskData) -> Option<Outcome> {
-    if data.is_null() {
-        return None;
-    }
-    // SAFETY: the task has completed (we are on the event loop after `task_done`).
-    unsafe { (*data).outcome.take() }
-}
-
-unsafe extern "C" fn free_task_data(data: *mut c_void) {
-    // SAFETY: `data` is the Box leaked in `post`.
-    drop(unsafe { Box::from_raw(data as *mut TaskData) });
-}
-
-/// Runs on a pool thread: no nginx calls here.
-unsafe extern "C" fn run_task(ctx: *mut c_void, _log: *mut ngx_log_t) {
-    // SAFETY: `ctx` holds the TaskData pointer written in `post`; only this thread touches it
-    // until the completion event.
-    let data = unsafe { &mut **(ctx as *mut *mut TaskData) };
-    let outcome = catch_unwind(AssertUnwindSafe(|| data.run())).unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        Outcome::Panicked(msg)
-    });
-    data.outcome = Some(outcome);
-}
-
-/// Completion event on the worker's event loop: resume the request's phase handlers.
-unsafe extern "C" fn task_done(ev: *mut ngx_event_t) {
-    // SAFETY: event data is the request that posted the task; it is alive (blocked).
-    let r = unsafe { &mut *((*ev).data as *mut ngx_http_request_t) };
+    // SAFETY: `request` is non-null, so the request is alive (its cleanup nulls it).
+    let r = unsafe { &mut *h.request };
     let c = r.connection;
-    // SAFETY: undoes the suspension done in `post`.
-    unsafe {
-        let main = &mut *r.main;
-        main.set_blocked(main.blocked() - 1);
-        r.set_aio(0);
-    }
-    if let Some(ctx) = crate::handler::ctx_get(r) {
-        ctx.task_finished = true;
-    }
+    r.read_event_handler = Some(ngx_http_block_reading);
     if let Some(handler) = r.write_event_handler {
         // SAFETY: during the phases the write handler is ngx_http_core_run_phases.
         unsafe { handler(r) };
     }
     // SAFETY: the connection outlives this call.
     unsafe { ngx_http_run_posted_requests(c) };
+}
+
+/// Request pool cleanup: the request side lets go of the handle.
+unsafe extern "C" fn request_gone(data: *mut c_void) {
+    let handle = data as *mut CallHandle;
+    // SAFETY: the handle is live until both sides are done with it.
+    let h = unsafe { &mut *handle };
+    if h.finished {
+        // SAFETY: the call ended; this was the last owner.
+        drop(unsafe { Box::from_raw(handle) });
+        return;
+    }
+    // Still running in a thread or waiting for a fetch: the completion frees it.
+    h.request = ptr::null_mut();
 }

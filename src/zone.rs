@@ -7,7 +7,13 @@
 //!   cache miss per level),
 //! - `by_sub`: rbtree of the same entries keyed by a hash of the `sub` claim (sign_out),
 //! - `lru`: queue of sessions, most recently used first (eviction when the zone is full),
-//! - `logins` and `login_lru`: pending logins keyed by their random `state`, bounded in number.
+//! - `logins` and `login_lru`: pending logins keyed by their random `state`, in a fixed array
+//!   of `LOGIN_SLOT`-byte slots (about a quarter of the zone) allocated when the zone is
+//!   created: a flood of unauthenticated logins only recycles the oldest pending logins and can
+//!   never take memory from sessions.
+//!
+//! Every session is bound to the provider that created it (`Entry::provider`, a hash of issuer
+//! and client_id): a lookup through another provider does not find it.
 //!
 //! Every operation holds the slab pool's mutex (`ngx_shmtx`, which the master releases if a
 //! worker dies holding it) for a short, allocation-free, panic-free critical section, except
@@ -35,7 +41,12 @@ use ngx::http::HttpModule;
 
 /// Bumped whenever the shared layout changes: a reload that loads a module with another layout
 /// must not reuse the old zone's memory.
-const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e02;
+const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e03;
+
+/// Bytes of one pending-login slot, header included.
+const LOGIN_SLOT: usize = 3072;
+/// The most a pending login's record may take.
+pub const MAX_LOGIN_RECORD: usize = LOGIN_SLOT - size_of::<Entry>();
 
 /// One slot of the session index; `entry` null means empty.
 #[repr(C)]
@@ -53,6 +64,8 @@ pub struct SessionZone {
     pub size: usize,
     /// Upper bound of any session's lifetime, seconds.
     pub timeout: i64,
+    /// The largest session record stored, bytes (`max_record=`).
+    pub max_record: usize,
     shm_zone: *mut ngx_shm_zone_t,
     shpool: *mut ngx_slab_pool_t,
     header: *mut ZoneHeader,
@@ -70,9 +83,9 @@ struct ZoneHeader {
     logins: ngx_rbtree_t,
     logins_sentinel: ngx_rbtree_node_t,
     login_lru: ngx_queue_t,
+    /// Unused pending-login slots.
+    login_free: ngx_queue_t,
     session_count: usize,
-    login_count: usize,
-    max_logins: usize,
     /// When the last "zone is full" warning was logged (any worker), seconds.
     last_full_warning: i64,
 }
@@ -88,6 +101,8 @@ struct Entry {
     id: [u8; 32],
     expires_at: i64,
     len: u32,
+    /// Sessions: the key of the provider that created it (see `SessionZone::lookup`).
+    provider: u32,
 }
 
 // A typical authentik session record is at most 2048 - 144 bytes (see the core test
@@ -100,6 +115,8 @@ pub enum ZoneError {
     NoMemory(String),
     #[error("session id collision")]
     Collision,
+    #[error("record of {0} bytes is larger than the limit of {1} bytes")]
+    TooLarge(usize, usize),
 }
 
 /// What an insert had to do to find room.
@@ -179,8 +196,22 @@ unsafe fn init_zone_inner(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> n
         ngx_rbtree_init(&mut h.logins, &mut h.logins_sentinel, Some(ngx_rbtree_insert_value));
         ngx_queue_init(&mut h.lru);
         ngx_queue_init(&mut h.login_lru);
-        // Pending logins may use at most about a quarter of the zone.
-        h.max_logins = (zone.size / 4 / 1024).max(8);
+        ngx_queue_init(&mut h.login_free);
+    }
+    // Pending logins get a fixed quarter of the zone, allocated now and never given back.
+    let login_slots = (zone.size / 4 / LOGIN_SLOT).max(4);
+    // SAFETY: allocates the login slots from the fresh slab pool.
+    let slots_mem = unsafe { ngx_slab_alloc(shpool, login_slots * LOGIN_SLOT) } as *mut u8;
+    if slots_mem.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    for i in 0..login_slots {
+        let entry = slots_mem.wrapping_add(i * LOGIN_SLOT) as *mut Entry;
+        // SAFETY: each slot is a fresh, exclusively owned LOGIN_SLOT-byte part of the array.
+        unsafe {
+            ptr::write_bytes(entry, 0, 1);
+            ngx_queue_insert_after(&mut (*header).login_free, &mut (*entry).lru);
+        }
     }
     pool.data = header as *mut c_void;
     // The module evicts on allocation failure itself: no "ngx_slab_alloc() failed" alerts.
@@ -230,11 +261,13 @@ impl SessionZone {
         name: String,
         size: usize,
         timeout: i64,
+        max_record: usize,
     ) -> Result<Box<SessionZone>, ConfError> {
         let mut zone = Box::new(SessionZone {
             name,
             size,
             timeout,
+            max_record,
             shm_zone: ptr::null_mut(),
             shpool: ptr::null_mut(),
             header: ptr::null_mut(),
@@ -273,10 +306,12 @@ impl SessionZone {
     /* sessions */
 
     /// Copies the session's record bytes into memory from `alloc` (called under the lock, must
-    /// not block), if the session exists and has not expired; marks it used.
+    /// not block), if the session exists, was created by `provider` and has not expired; marks
+    /// it used.
     pub fn lookup<'a>(
         &self,
         id: &SessionId,
+        provider: u32,
         now: UnixTime,
         alloc: impl FnOnce(usize) -> Option<&'a mut [u8]>,
     ) -> Option<&'a [u8]> {
@@ -285,7 +320,7 @@ impl SessionZone {
         let entry = index_find(h, id.key())?;
         // SAFETY: `entry` is a live session entry in the locked zone.
         let e = unsafe { &mut *entry };
-        if !constant_time_eq(&e.id, &id.0) {
+        if !constant_time_eq(&e.id, &id.0) || e.provider != provider {
             return None;
         }
         if e.expires_at <= now {
@@ -303,14 +338,19 @@ impl SessionZone {
         Some(out)
     }
 
-    /// Stores a new session; evicts expired and then least recently used sessions for room.
+    /// Stores a new session of `provider`; evicts expired and then least recently used sessions
+    /// for room. A record over `max_record` bytes is refused before anything is evicted.
     pub fn insert(
         &self,
         id: &SessionId,
+        provider: u32,
         record: &SessionRecord,
         now: UnixTime,
     ) -> Result<Eviction, ZoneError> {
         let bytes = record.encode();
+        if bytes.len() > self.max_record {
+            return Err(ZoneError::TooLarge(bytes.len(), self.max_record));
+        }
         let mut lock = self.lock();
         let h = self.header(&mut lock);
         if index_find(h, id.key()).is_some() {
@@ -346,6 +386,7 @@ impl SessionZone {
             e.id = id.0;
             e.expires_at = record.expires_at;
             e.len = bytes.len() as u32;
+            e.provider = provider;
             ptr::copy_nonoverlapping(bytes.as_ptr(), entry_data_ptr(entry), bytes.len());
             index_insert(h, id.key(), entry);
             ngx_rbtree_insert(&mut h.by_sub, &mut e.sub_node);
@@ -441,54 +482,47 @@ impl SessionZone {
 
     /* pending logins */
 
-    /// Stores a started login until its callback (at most `ttl` seconds); the oldest pending
-    /// logins make room.
+    /// Stores a started login until its callback (at most `ttl` seconds) in a login slot;
+    /// expired and then the oldest pending logins make room. Never touches sessions.
     pub fn insert_login(
         &self,
         login: &PendingLogin,
         ttl: i64,
         now: UnixTime,
-    ) -> Result<Eviction, ZoneError> {
+    ) -> Result<(), ZoneError> {
         let Some(key) = PendingLogin::key_of(&login.state) else {
             return Err(ZoneError::Collision);
         };
         let bytes = login.encode();
+        if bytes.len() > MAX_LOGIN_RECORD {
+            return Err(ZoneError::TooLarge(bytes.len(), MAX_LOGIN_RECORD));
+        }
         let mut lock = self.lock();
         let h = self.header(&mut lock);
         if find(&mut h.logins, key).is_some() {
             return Err(ZoneError::Collision);
         }
-        // Expired logins go first; then the oldest beyond the cap.
         while let Some(entry) = lru_tail(&mut h.login_lru) {
             // SAFETY: a live login entry of the locked zone.
-            if unsafe { (*entry).expires_at } > now && h.login_count < h.max_logins {
+            if unsafe { (*entry).expires_at } > now {
                 break;
             }
             self.delete_login(h, entry);
         }
-        // Pending logins are capped above, so when memory runs out the zone is full of
-        // sessions: the least recently used ones make room, as for a new session.
-        let mut eviction = Eviction::default();
-        let entry = loop {
-            if let Some(entry) = self.alloc_entry(bytes.len()) {
-                break entry;
-            }
-            if self.evict_oldest_session(h) {
-                eviction.evicted += 1;
-                continue;
-            }
+        if lru_tail(&mut h.login_free).is_none() {
             let Some(oldest) = lru_tail(&mut h.login_lru) else {
                 return Err(ZoneError::NoMemory(self.name.clone()));
             };
             self.delete_login(h, oldest);
-        };
-        if eviction.evicted > 0 && now - h.last_full_warning >= 60 {
-            h.last_full_warning = now;
-            eviction.warn = true;
         }
-        // SAFETY: `entry` is a fresh allocation with room for the header and the record.
+        let Some(entry) = lru_tail(&mut h.login_free) else {
+            return Err(ZoneError::NoMemory(self.name.clone()));
+        };
+        // SAFETY: `entry` is a free slot of LOGIN_SLOT bytes, moved from the free queue to the
+        // pending logins.
         unsafe {
             let e = &mut *entry;
+            ngx_queue_remove(&mut e.lru);
             e.node.key = key as _;
             e.expires_at = now + ttl;
             e.len = bytes.len() as u32;
@@ -496,8 +530,7 @@ impl SessionZone {
             ngx_rbtree_insert(&mut h.logins, &mut e.node);
             ngx_queue_insert_after(&mut h.login_lru, &mut e.lru);
         }
-        h.login_count += 1;
-        Ok(eviction)
+        Ok(())
     }
 
     /// Removes and returns the pending login for `state` (one use), unless it has expired.
@@ -521,14 +554,15 @@ impl SessionZone {
     }
 
     fn delete_login(&self, h: &mut ZoneHeader, entry: *mut Entry) {
-        // SAFETY: `entry` is a live login in the locked zone; it is unlinked then freed.
+        // SAFETY: `entry` is a live login in the locked zone; its slot goes back to the free
+        // queue.
         unsafe {
             let e = &mut *entry;
             ngx_rbtree_delete(&mut h.logins, &mut e.node);
             ngx_queue_remove(&mut e.lru);
-            ngx_slab_free_locked(self.shpool, entry as *mut c_void);
+            e.len = 0;
+            ngx_queue_insert_after(&mut h.login_free, &mut e.lru);
         }
-        h.login_count -= 1;
     }
 }
 

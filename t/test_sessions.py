@@ -255,8 +255,16 @@ def test_provider_down_at_start(nginx, make_provider, upstream):
     assert "text/html" in r.headers.get("Content-Type", "") and r.text.strip()
     new = nginx.error_log()[before:]
     assert re.search(r"\[(error|crit|warn)\]", new), new
-    # the provider comes up on the configured port: login works
+    # a second navigation right away is answered from the negative cache: no new fetch
+    r = b.get(app.url("/again"), follow=False)
+    assert r.status_code == 502, (r.status_code, r.headers)
+    # the provider comes up on the configured port: once the failure is older than the
+    # negative cache (5 s), login works
     p = make_provider(port=port, clients=[client])
     app.provider = p
+    deadline = time.monotonic() + 8
+    while b.get(app.url("/later"), follow=False).status_code == 502:
+        assert time.monotonic() < deadline, "login still refused 8 s after the provider came up"
+        time.sleep(0.25)
     e = echo(b.login(app.url("/later")))
     assert e.get("X-authentik-username") == "alice"

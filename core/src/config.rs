@@ -114,6 +114,8 @@ pub struct ProviderSettings {
     pub ca_file: Option<std::path::PathBuf>,
     /// `post_logout_redirect_uri` sent to the end-session endpoint; default `<external_host>/`.
     pub post_logout_redirect: Option<Url>,
+    /// Audiences besides `client_id` that an id_token may name (`trusted_audiences`).
+    pub trusted_audiences: Vec<String>,
 }
 
 pub const DEFAULT_SCOPES: &[&str] = &["openid", "profile", "email", "entitlements", "ak_proxy"];
@@ -186,6 +188,7 @@ mod tests {
             timeout_ms: 10_000,
             ca_file: None,
             post_logout_redirect: None,
+            trusted_audiences: Vec::new(),
         }
     }
 

@@ -42,6 +42,44 @@ pub fn find_cookie<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     cookie_pairs(header).find(|(_, cookie_name, _)| *cookie_name == name).map(|(_, _, v)| v)
 }
 
+/// Every value of cookies named `name` in one `Cookie` header, in order (a browser sends one
+/// per scope: path, domain).
+pub fn find_cookies<'a, 'n>(
+    header: &'a [u8],
+    name: &'n [u8],
+) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+    cookie_pairs(header).filter(move |(_, cookie_name, _)| *cookie_name == name).map(|(_, _, v)| v)
+}
+
+/// The `Domain=` scopes in which a stale copy of a cookie for `host` may live, other than
+/// `own_domain` (the scope the module sets): `host` itself and each parent domain with at least
+/// two labels. Expiring the cookie in each lets a browser that carries an old cookie (authentik's
+/// outpost sets `Domain=`) stop sending it. `host` may carry a port, which is dropped.
+pub fn stale_cookie_domains<'a>(host: &'a str, own_domain: Option<&'a str>) -> Vec<&'a str> {
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    };
+    if host.is_empty()
+        || host.starts_with('[')
+        || host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    {
+        return Vec::new();
+    }
+    let own = own_domain.map(|d| d.trim_start_matches('.'));
+    let mut domains = Vec::new();
+    let mut rest = host;
+    while rest.contains('.') {
+        if own.is_none_or(|own| !own.eq_ignore_ascii_case(rest)) {
+            domains.push(rest);
+        }
+        rest = rest.split_once('.').map_or("", |(_, parent)| parent);
+    }
+    domains
+}
+
 /// The `Cookie` header value with every cookie named `name` removed. `None` when nothing was
 /// removed; `Some(vec![])` when nothing is left.
 pub fn remove_cookie(header: &[u8], name: &[u8]) -> Option<Vec<u8>> {
@@ -122,6 +160,29 @@ fn push_flags(cookie: &mut String, attrs: &CookieAttributes<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_every_copy() {
+        let header = b"a=1; s=stale; b=2; s=good;s=third";
+        let all: Vec<&[u8]> = find_cookies(header, b"s").collect();
+        assert_eq!(all, [&b"stale"[..], b"good", b"third"]);
+        assert_eq!(find_cookies(b"a=1", b"s").count(), 0);
+    }
+
+    #[test]
+    fn stale_domains_skip_own_scope_and_single_labels() {
+        assert_eq!(
+            stale_cookie_domains("app.example.com:8443", None),
+            ["app.example.com", "example.com"]
+        );
+        assert_eq!(
+            stale_cookie_domains("app.example.com", Some(".example.com")),
+            ["app.example.com"]
+        );
+        assert!(stale_cookie_domains("localhost", None).is_empty());
+        assert!(stale_cookie_domains("127.0.0.1:80", None).is_empty());
+        assert!(stale_cookie_domains("[::1]:80", None).is_empty());
+    }
 
     #[test]
     fn remove_cookie_into_handles_tight_separators() {

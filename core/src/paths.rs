@@ -45,6 +45,107 @@ impl UnauthPaths {
     pub fn matches(&self, subject: &str) -> bool {
         self.sets.iter().any(|set| set.is_match(subject))
     }
+
+    /// Whether a request may skip authentication. `raw_target` is the request target as the
+    /// client sent it (path and query, what `proxy_pass` without a URI part sends upstream);
+    /// `normalised_path` is nginx's decoded, dot-resolved, slash-merged `$uri`. See
+    /// [`exemption_subject`] for the rule; in forward_domain mode `origin` (`scheme://host`, the
+    /// host nginx routed the request on) prefixes the subject.
+    pub fn exempts(&self, raw_target: &[u8], normalised_path: &[u8], origin: Option<&str>) -> bool {
+        let Some(raw) = exemption_subject(raw_target) else {
+            return false;
+        };
+        let Ok(normalised) = core::str::from_utf8(normalised_path) else {
+            return false;
+        };
+        match origin {
+            // authentik matches the full URL in forward_domain mode: the query takes part.
+            Some(origin) => {
+                let query = query_of(raw_target);
+                let with = |path: &str| match query {
+                    Some(q) => format!("{origin}{path}?{q}"),
+                    None => format!("{origin}{path}"),
+                };
+                self.matches(&with(&raw)) && self.matches(&with(normalised))
+            }
+            None => self.matches(&raw) && self.matches(normalised),
+        }
+    }
+}
+
+/// The path of `raw_target` (a request target in origin form: `/path?query`), percent-decoded,
+/// if nothing in it can be read two ways; `None` refuses the exemption.
+///
+/// An upstream may see the raw path (`proxy_pass` without a URI part) while nginx matched its
+/// normalised `$uri`, so a pattern may only exempt a request whose raw path means the same to
+/// everyone. Refused: a target not starting with `/`; encoded `/`, `\`, `.` or `%` (`%2F`,
+/// `%5C`, `%2E`, `%25`: decoded a second time by some upstreams); control bytes and encoded
+/// NUL; a backslash; `//`; `;` (path parameters); dot-segments (`/./`, `/../`, a final `/.`
+/// or `/..`); malformed escapes; bytes that do not decode to UTF-8.
+pub fn exemption_subject(raw_target: &[u8]) -> Option<String> {
+    let path = match raw_target.iter().position(|&b| b == b'?' || b == b'#') {
+        Some(end) => &raw_target[..end],
+        None => raw_target,
+    };
+    if path.first() != Some(&b'/') {
+        return None;
+    }
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        match b {
+            b'\\' | b';' => return None,
+            0..=0x20 | 0x7f => return None,
+            b'%' => {
+                let hex = path.get(i + 1..i + 3)?;
+                let value = u8::from_str_radix(core::str::from_utf8(hex).ok()?, 16).ok()?;
+                if matches!(value, b'/' | b'\\' | b'.' | b'%' | b';' | b'?' | b'#')
+                    || value < 0x20
+                    || value == 0x7f
+                {
+                    return None;
+                }
+                decoded.push(value);
+                i += 3;
+                continue;
+            }
+            _ => decoded.push(b),
+        }
+        i += 1;
+    }
+    let path = String::from_utf8(decoded).ok()?;
+    let has_dot_segment = path.split('/').skip(1).any(|segment| segment == "." || segment == "..");
+    if path.contains("//") || has_dot_segment {
+        return None;
+    }
+    Some(path)
+}
+
+fn query_of(raw_target: &[u8]) -> Option<&str> {
+    let start = raw_target.iter().position(|&b| b == b'?')? + 1;
+    let end = raw_target.iter().position(|&b| b == b'#').unwrap_or(raw_target.len());
+    core::str::from_utf8(raw_target.get(start..end)?).ok()
+}
+
+/// Why a pattern is too broad to be meant: it matches every subject (`^`, `.*`, `a|`), every
+/// path a browser can send (`/`, `^/`), or every URL (`^https?://`; forward_domain subjects).
+/// `None` for a pattern that leaves something protected.
+pub fn overly_broad(pattern: &str) -> Option<&'static str> {
+    let Ok(regex) = Regex::new(pattern) else {
+        return None;
+    };
+    if regex.is_match("") {
+        return Some("matches every path (it matches the empty string)");
+    }
+    const PATHS: &[&str] = &["/", "/private", "/admin/x", "/a.b/c-d_e"];
+    const URLS: &[&str] =
+        &["https://app.example.com/", "http://a.b/c?d=e", "https://x.example.org/admin/x"];
+    let all = |probes: &[&str]| probes.iter().all(|probe| regex.is_match(probe));
+    if all(PATHS) || all(URLS) {
+        return Some("matches every path");
+    }
+    None
 }
 
 fn check_pattern(pattern: &str) -> Result<(), PathError> {
@@ -52,7 +153,13 @@ fn check_pattern(pattern: &str) -> Result<(), PathError> {
     if pattern.trim().is_empty() {
         return Err(error("empty pattern would match every path".to_owned()));
     }
-    Regex::new(pattern).map(drop).map_err(|e| error(e.to_string()))
+    Regex::new(pattern).map_err(|e| error(e.to_string()))?;
+    match overly_broad(pattern) {
+        Some(reason) => {
+            Err(error(format!("{reason}; use \"auth_authentik off\" to make a location public")))
+        }
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +199,73 @@ mod tests {
         let error = UnauthPaths::compile(&["^/ok", "(", "["]).unwrap_err();
         assert_eq!(error.pattern, "(");
         assert!(error.to_string().starts_with("invalid regex \"(\": "));
+    }
+
+    #[test]
+    fn patterns_matching_everything_are_errors() {
+        for pattern in
+            ["^", ".*", "a|", "|", "(?:)", "x*", "^/", "/", "(?s).", "^.*$", "^https?://"]
+        {
+            let error = UnauthPaths::compile(&[pattern]).unwrap_err();
+            assert_eq!(error.pattern, pattern);
+            assert!(error.reason.contains("matches every path"), "{pattern}: {error}");
+        }
+        for pattern in ["^/public/", "\\.css$", "health", "^https://static\\.example\\.com/"] {
+            UnauthPaths::compile(&[pattern]).unwrap();
+        }
+    }
+
+    #[test]
+    fn exemption_subject_refuses_ambiguous_paths() {
+        for raw in [
+            "/private/..%2Fpublic/x",
+            "/private/%2e%2e/public/x",
+            "/private/%2E%2E/public/x",
+            "/private/../public/x",
+            "/private/./../public/x",
+            "/public/..",
+            "/public/.",
+            "//public/x",
+            "/private//public/x",
+            "/private;/public/x",
+            "/public/x;jsessionid=1",
+            "/private\\..\\public/x",
+            "/private/..%5Cpublic/x",
+            "/private/%252e%252e/public/x",
+            "/public/%00",
+            "/public/%0a",
+            "/public/%zz",
+            "/public/%2",
+            "/public/%ff",
+            "public/x",
+            "http://h/public/x",
+            "",
+            "/public/\x01",
+        ] {
+            assert_eq!(exemption_subject(raw.as_bytes()), None, "{raw}");
+        }
+        assert_eq!(exemption_subject(b"/public/x").as_deref(), Some("/public/x"));
+        assert_eq!(exemption_subject(b"/public/a%20b?x=..%2F").as_deref(), Some("/public/a b"));
+        assert_eq!(exemption_subject(b"/public/%C3%A9").as_deref(), Some("/public/\u{e9}"));
+        assert_eq!(exemption_subject(b"/public/...x").as_deref(), Some("/public/...x"));
+    }
+
+    #[test]
+    fn exempts_needs_raw_and_normalised_to_match() {
+        let paths = UnauthPaths::compile(&["^/public/"]).unwrap();
+        assert!(paths.exempts(b"/public/x?a=1", b"/public/x", None));
+        // nginx normalised /private/..%2Fpublic/x to /public/x: the raw path decides.
+        assert!(!paths.exempts(b"/private/..%2Fpublic/x", b"/public/x", None));
+        assert!(!paths.exempts(b"/private/%2e%2e/public/x", b"/public/x", None));
+        assert!(!paths.exempts(b"/public/x", b"/private/x", None));
+        let urls = UnauthPaths::compile(&["^https://status\\.example\\.com/"]).unwrap();
+        let status = Some("https://status.example.com");
+        assert!(urls.exempts(b"/health?x=1", b"/health", status));
+        assert!(!urls.exempts(b"/health", b"/health", Some("https://app1.example.com")));
+        assert!(!urls.exempts(b"/a/../health", b"/health", status));
+        let query = UnauthPaths::compile(&["\\?public=1$"]).unwrap();
+        assert!(query.exempts(b"/x?public=1", b"/x", Some("https://a.example.com")));
+        assert!(!query.exempts(b"/x?public=1", b"/x", None));
     }
 
     #[test]

@@ -4,8 +4,12 @@ use url::Url;
 
 use crate::config::{is_host_in_domain, Mode};
 
+/// The longest post-login URL kept with a pending login; a longer one is refused (the user
+/// lands on the external host's root), so that pending logins stay small and bounded.
+pub const MAX_RETURN_URL: usize = 2048;
+
 /// Returns the absolute URL to send the user to after login, or `None` when `target` must be
-/// refused. `target` is an absolute URL or an absolute path (`/x?y`); a path is resolved against
+/// refused (also when it, or the URL it resolves to, is longer than [`MAX_RETURN_URL`]). `target` is an absolute URL or an absolute path (`/x?y`); a path is resolved against
 /// `external_origin` (scheme://host[:port]).
 /// - proxy, forward_single: the host (with port) must equal the external origin's host.
 /// - forward_domain: the hostname must equal `cookie_domain` or end with `.` + `cookie_domain`.
@@ -19,7 +23,10 @@ pub fn validate_return_to(
     cookie_domain: Option<&str>,
 ) -> Option<String> {
     // The URL parser silently drops tabs and newlines and reads `\` as `/`: refuse them first.
-    if target.is_empty() || target.contains(|c: char| c.is_control() || c == '\\') {
+    if target.is_empty()
+        || target.len() > MAX_RETURN_URL
+        || target.contains(|c: char| c.is_control() || c == '\\')
+    {
         return None;
     }
     let origin = Url::parse(external_origin).ok()?;
@@ -38,7 +45,8 @@ pub fn validate_return_to(
         Mode::Proxy | Mode::ForwardSingle => same_host_and_port(&url, &origin),
         Mode::ForwardDomain => host_in_cookie_domain(&url, cookie_domain?),
     };
-    allowed.then(|| url.to_string())
+    let url = url.to_string();
+    (allowed && url.len() <= MAX_RETURN_URL).then_some(url)
 }
 
 fn has_userinfo(url: &Url) -> bool {
@@ -67,6 +75,16 @@ fn host_in_cookie_domain(url: &Url, cookie_domain: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_targets_are_refused() {
+        let ok = format!("/{}", "a".repeat(1000));
+        assert!(proxy(&ok).is_some());
+        let long = format!("/{}", "a".repeat(MAX_RETURN_URL));
+        assert_eq!(proxy(&long), None);
+        let absolute = format!("{ORIGIN}/{}", "b".repeat(MAX_RETURN_URL - ORIGIN.len()));
+        assert_eq!(proxy(&absolute), None);
+    }
 
     const ORIGIN: &str = "https://app.example.com";
 

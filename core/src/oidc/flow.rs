@@ -16,6 +16,8 @@ use crate::UnixTime;
 
 /// How long a fetched discovery document is used before it is fetched again.
 pub const DISCOVERY_TTL: i64 = 3600;
+/// After a failed discovery fetch, how long the failure is the answer (no new fetch), seconds.
+pub const FETCH_RETRY_AFTER: i64 = 5;
 /// An unknown `kid` refetches the JWKS at most this often.
 pub const JWKS_REFETCH_INTERVAL: i64 = 30;
 
@@ -42,6 +44,8 @@ struct CacheState {
     jwks: Option<(Arc<Jwks>, UnixTime)>,
     /// Last JWKS fetch attempt, successful or not: the unknown-kid rate limit.
     jwks_attempted_at: Option<UnixTime>,
+    /// The last discovery fetch failed: when, and why.
+    discovery_failed: Option<(UnixTime, String)>,
 }
 
 impl MetadataCache {
@@ -55,8 +59,16 @@ impl MetadataCache {
     pub fn any_discovery(&self) -> Option<Arc<Discovery>> {
         self.state().discovery.as_ref().map(|(discovery, _)| discovery.clone())
     }
+    /// Why the last discovery fetch failed, if it did less than `FETCH_RETRY_AFTER` seconds
+    /// ago: callers answer with it (or a stale document) instead of fetching again. No I/O.
+    pub fn discovery_failure(&self, now: UnixTime) -> Option<String> {
+        let state = self.state();
+        let (at, reason) = state.discovery_failed.as_ref()?;
+        (now.saturating_sub(*at) < FETCH_RETRY_AFTER).then(|| reason.clone())
+    }
     /// Fresh cached document, else fetches (blocking). On fetch failure a stale cached document
-    /// is returned if there is one; otherwise the error.
+    /// is returned if there is one; otherwise the error. Within `FETCH_RETRY_AFTER` of a failed
+    /// fetch, no new fetch is made.
     pub fn discovery(
         &self,
         client: &ProviderClient,
@@ -66,14 +78,23 @@ impl MetadataCache {
         if let Some(fresh) = self.fresh_discovery(now) {
             return Ok(fresh);
         }
+        if let Some(reason) = self.discovery_failure(now) {
+            let url = settings.issuer.to_string();
+            return self.any_discovery().ok_or(ProviderError::Unreachable { url, reason });
+        }
         // The fetch runs without the lock: other threads keep reading the old document.
         match client.fetch_discovery(settings) {
             Ok(discovery) => {
                 let discovery = Arc::new(discovery);
-                self.state().discovery = Some((discovery.clone(), now));
+                let mut state = self.state();
+                state.discovery = Some((discovery.clone(), now));
+                state.discovery_failed = None;
                 Ok(discovery)
             }
-            Err(error) => self.any_discovery().ok_or(error),
+            Err(error) => {
+                self.state().discovery_failed = Some((now, error.to_string()));
+                self.any_discovery().ok_or(error)
+            }
         }
     }
     /// JWKS for verifying a token with `kid`: cached unless missing or lacking `kid`, in which
@@ -244,6 +265,7 @@ mod tests {
             timeout_ms: 2_000,
             ca_file: None,
             post_logout_redirect: None,
+            trusted_audiences: Vec::new(),
         }
     }
 
