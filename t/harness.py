@@ -44,6 +44,7 @@ USERS = {
     "alice": "alice-password",
     "bob": "bob-password",
     "carol": "carol-password",
+    "dave": "dave-password",
 }
 
 IDENTITY_HEADERS = [

@@ -97,6 +97,14 @@ const USERS = {
     password: 'carol-password',
     claims: { preferred_username: 'carol' },
   },
+  // a user with thousands of groups: a session record far over the module's max_record
+  dave: {
+    password: 'dave-password',
+    claims: {
+      preferred_username: 'dave',
+      groups: Array.from({ length: 3000 }, (_, i) => `very-long-group-name-number-${i}`),
+    },
+  },
 };
 const USERS_BY_SUB = new Map(Object.entries(USERS).map(([u, v]) => [subFor(u), { username: u, ...v }]));
 
