@@ -3,16 +3,31 @@
 //! Blocking is deliberate: the nginx glue runs these calls on nginx's thread pool, so the
 //! worker's event loop never waits on the network. TLS verification is always on (system trust
 //! store, or `ca_file` when configured).
+//!
+//! Every call has one total deadline, from the DNS lookup to the last byte of the body
+//! (`settings.timeout_ms`, or less when the client has a login deadline, see
+//! [`ProviderClient::with_deadline`]). ureq 3.2's `timeout_global` alone is not one: it bounds
+//! each socket read by the time left when the read starts (a read starting after the deadline
+//! gets a whole second), and under TLS every socket read of one record gets the time left when
+//! the record was first asked for, so a provider that trickles bytes is never cut off.
+//! [`DeadlineConnector`] sits between ureq's TCP and TLS layers and bounds every socket read and
+//! write by the time left until the call's deadline, failing once it has passed.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{Map, Value};
 use ureq::http::Response;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
-use ureq::{Agent, Body};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::time as ureq_time;
+use ureq::unversioned::transport::{
+    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, NativeTlsConnector, NextTimeout,
+    TcpConnector, Transport,
+};
+use ureq::{Agent, Body, Timeout};
 use url::form_urlencoded;
 
 use super::discovery::{Discovery, Jwks};
@@ -24,7 +39,7 @@ pub const MAX_BODY: u64 = 1 << 20;
 /// Longest OAuth error text copied from a provider's error body into a log message.
 const MAX_DETAIL: usize = 200;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     /// Connection refused, DNS, TLS, timeout: the provider could not be reached.
     #[error("{url} is unreachable: {reason}")]
@@ -48,10 +63,14 @@ pub struct TokenResponse {
     pub expires_in: Option<i64>,
 }
 
-/// One per provider per worker; cheap to share (holds a connection pool).
+/// One per provider per worker; cheap to clone and share between threads.
 #[derive(Debug, Clone)]
 pub struct ProviderClient {
     agent: Agent,
+    /// Total time one call may take (`settings.timeout_ms`).
+    timeout: Duration,
+    /// When set, no call runs past it (the deadline of a whole login).
+    deadline: Option<Instant>,
 }
 
 /// A provider answer read to the end.
@@ -79,8 +98,10 @@ impl Reply {
 }
 
 impl ProviderClient {
-    /// Builds the agent: per-call timeout `settings.timeout_ms`, TLS via OpenSSL (native-tls) with
-    /// the system roots or `settings.ca_file`, no redirects followed, bodies capped at `MAX_BODY`.
+    /// Builds the agent: per-call total deadline `settings.timeout_ms`, TLS via OpenSSL
+    /// (native-tls) with the system roots or `settings.ca_file`, no redirects followed, bodies
+    /// capped at `MAX_BODY`, no connection reuse (a pooled connection would keep the deadline of
+    /// the call that opened it; a login makes at most four calls).
     pub fn new(settings: &ProviderSettings) -> Result<ProviderClient, ProviderError> {
         let root_certs = match &settings.ca_file {
             Some(path) => RootCerts::new_with_certs(&read_ca_file(path)?),
@@ -88,14 +109,44 @@ impl ProviderClient {
         };
         let tls =
             TlsConfig::builder().provider(TlsProvider::NativeTls).root_certs(root_certs).build();
+        let timeout = Duration::from_millis(settings.timeout_ms.max(1));
         let config = Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            .timeout_global(Some(Duration::from_millis(settings.timeout_ms.max(1))))
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
+            .timeout_global(Some(timeout))
             .tls_config(tls)
             .user_agent(concat!("nginx-authentik/", env!("CARGO_PKG_VERSION")))
             .build();
-        Ok(ProviderClient { agent: config.new_agent() })
+        let agent = Agent::with_parts(config, connector(), DefaultResolver::default());
+        Ok(ProviderClient { agent, timeout, deadline: None })
+    }
+
+    /// This client, with no call running past `deadline` (nor past its own timeout); an earlier
+    /// deadline already set is kept.
+    pub fn with_deadline(&self, deadline: Instant) -> ProviderClient {
+        let deadline = self.deadline.map_or(deadline, |earlier| earlier.min(deadline));
+        ProviderClient { deadline: Some(deadline), ..self.clone() }
+    }
+
+    /// The total time one call may take (`settings.timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Time the next call to `url` may take: the timeout, cut to the deadline.
+    fn time_left(&self, url: &str) -> Result<Duration, ProviderError> {
+        let now = Instant::now();
+        let left = match self.deadline {
+            Some(deadline) => self.timeout.min(deadline.saturating_duration_since(now)),
+            None => self.timeout,
+        };
+        if left.is_zero() {
+            let reason = "timeout: login deadline reached".to_owned();
+            return Err(ProviderError::Unreachable { url: url.to_owned(), reason });
+        }
+        Ok(left)
     }
 
     /// GET `<issuer>/.well-known/openid-configuration` (joined without a double slash).
@@ -128,9 +179,13 @@ impl ProviderClient {
             .append_pair("code", code)
             .append_pair("redirect_uri", redirect_uri)
             .append_pair("code_verifier", verifier);
+        let left = self.time_left(url)?;
         let mut request = self
             .agent
             .post(url)
+            .config()
+            .timeout_global(Some(left))
+            .build()
             .header("Accept", "application/json")
             .header("Content-Type", "application/x-www-form-urlencoded");
         if discovery.use_basic_auth() {
@@ -159,11 +214,111 @@ impl ProviderClient {
     }
 
     fn get(&self, url: &str, bearer: Option<&str>) -> Result<Reply, ProviderError> {
-        let mut request = self.agent.get(url).header("Accept", "application/json");
+        let left = self.time_left(url)?;
+        let mut request = self
+            .agent
+            .get(url)
+            .config()
+            .timeout_global(Some(left))
+            .build()
+            .header("Accept", "application/json");
         if let Some(token) = bearer {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
         read_reply(url, request.call())
+    }
+}
+
+/// ureq's default connector chain for this build (CONNECT proxy from the environment, TCP,
+/// native-tls), with [`DeadlineConnector`] between TCP and TLS so that it also bounds the TLS
+/// handshake and the socket reads of every TLS record.
+///
+/// `ureq::unversioned` is outside ureq's semver promise; ureq is held at 3.2 by nginx-src (see
+/// core/Cargo.toml and Cargo.lock), and an API change there fails the build, not the deadline.
+fn connector() -> impl Connector {
+    ().chain(ConnectProxyConnector::default())
+        .chain(TcpConnector::default())
+        .chain(DeadlineConnector)
+        .chain(NativeTlsConnector::default())
+}
+
+/// Wraps each new connection in a [`DeadlineTransport`] that ends at the deadline of the call
+/// that opens it: the start of the connection attempt plus the time ureq leaves for it, which is
+/// what remains of the call's `timeout_global` (no other ureq timeout is configured).
+#[derive(Debug)]
+struct DeadlineConnector;
+
+impl<In: Transport> Connector<In> for DeadlineConnector {
+    type Out = DeadlineTransport<In>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let Some(inner) = chained else {
+            return Ok(None);
+        };
+        let deadline = match (details.now, details.timeout.after) {
+            (ureq_time::Instant::Exact(start), ureq_time::Duration::Exact(left)) => {
+                start.checked_add(left)
+            }
+            _ => None,
+        };
+        Ok(Some(DeadlineTransport { inner, deadline }))
+    }
+}
+
+/// A connection whose every read and write waits at most until `deadline`, and fails at once
+/// after it.
+#[derive(Debug)]
+struct DeadlineTransport<T> {
+    inner: T,
+    deadline: Option<Instant>,
+}
+
+impl<T> DeadlineTransport<T> {
+    /// `timeout` shortened to the time left; an error when no time is left (ureq turns a zero
+    /// timeout into a one-second wait).
+    fn bound(&self, timeout: NextTimeout) -> Result<NextTimeout, ureq::Error> {
+        if timeout.after.is_zero() {
+            return Err(ureq::Error::Timeout(timeout.reason));
+        }
+        let Some(deadline) = self.deadline else {
+            return Ok(timeout);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ureq::Error::Timeout(Timeout::Global));
+        }
+        if *timeout.after <= left {
+            return Ok(timeout);
+        }
+        Ok(NextTimeout { after: ureq_time::Duration::Exact(left), reason: Timeout::Global })
+    }
+}
+
+impl<T: Transport> Transport for DeadlineTransport<T> {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        self.inner.buffers()
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        let timeout = self.bound(timeout)?;
+        self.inner.transmit_output(amount, timeout)
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        let timeout = self.bound(timeout)?;
+        self.inner.await_input(timeout)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.inner.is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        self.inner.is_tls()
     }
 }
 
@@ -256,6 +411,11 @@ fn parse_token_response(reply: &Reply) -> Result<TokenResponse, ProviderError> {
     Ok(TokenResponse { access_token, id_token, expires_in })
 }
 
+/// [`parse_token_response`] of a 2xx body, for the fuzz targets (fuzz/).
+pub fn parse_token_body(body: &[u8]) -> Result<TokenResponse, ProviderError> {
+    parse_token_response(&Reply { url: String::new(), status: 200, mime: None, body: body.into() })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -264,7 +424,9 @@ mod tests {
 
     use super::*;
     use crate::config::{parse_http_url, Mode};
-    use crate::oidc::test_server::{refused_url, stalled_server, Reply as Canned, TestServer};
+    use crate::oidc::test_server::{
+        refused_url, stalled_server, Reply as Canned, TestServer, Trickle,
+    };
 
     fn settings(issuer: &str) -> ProviderSettings {
         ProviderSettings {
@@ -279,6 +441,7 @@ mod tests {
             timeout_ms: 2_000,
             ca_file: None,
             post_logout_redirect: None,
+            trusted_audiences: Vec::new(),
         }
     }
 
@@ -520,6 +683,73 @@ mod tests {
             elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(5),
             "{elapsed:?}"
         );
+    }
+
+    /// A provider that answers every request with a 2 KiB JSON body, trickled per `trickle`.
+    fn trickling(tls: bool, trickle: Trickle) -> TestServer {
+        let handler = move |_: &crate::oidc::test_server::Request, _: &str| {
+            let padding = " ".repeat(2048);
+            Canned::raw(200, "application/json", format!("{{\"keys\": []{padding}}}"))
+                .trickled(trickle)
+        };
+        if tls {
+            TestServer::start_tls(handler)
+        } else {
+            TestServer::start(handler)
+        }
+    }
+
+    /// `fetch_jwks` with `timeout_ms` 400 fails with a timeout in 400 ms (plus a little) against
+    /// a provider that sends one byte every 20 ms as `trickle` says, over plain HTTP and TLS.
+    fn assert_cut_off_at_the_timeout(trickle: Trickle) {
+        for tls in [false, true] {
+            let server = trickling(tls, trickle);
+            let mut s = settings(&server.url("/"));
+            s.timeout_ms = 400;
+            s.ca_file = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/ca_cert.pem"));
+            let started = Instant::now();
+            let error = client(&s).fetch_jwks(&server.url("/jwks/")).unwrap_err();
+            let elapsed = started.elapsed();
+            assert!(
+                matches!(error, ProviderError::Unreachable { ref reason, .. } if reason.contains("timeout")),
+                "tls {tls}, {trickle:?}: {error}"
+            );
+            assert!(
+                elapsed >= Duration::from_millis(390) && elapsed < Duration::from_millis(800),
+                "tls {tls}, {trickle:?}: {elapsed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn trickled_headers_are_cut_off_at_the_timeout() {
+        // About 100 bytes of headers: 2 s at full trickle.
+        assert_cut_off_at_the_timeout(Trickle::Head(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn trickled_body_is_cut_off_at_the_timeout() {
+        // 2 KiB of body: 40 s at full trickle.
+        assert_cut_off_at_the_timeout(Trickle::Body(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn login_deadline_cuts_calls_short() {
+        let server = trickling(false, Trickle::Body(Duration::from_millis(20)));
+        let s = settings(&server.url("/"));
+        let started = Instant::now();
+        let c = client(&s).with_deadline(started + Duration::from_millis(300));
+        assert_eq!(c.timeout(), Duration::from_millis(2_000));
+        let error = c.fetch_jwks(&server.url("/jwks/")).unwrap_err();
+        let elapsed = started.elapsed();
+        assert!(matches!(error, ProviderError::Unreachable { .. }), "{error}");
+        assert!(elapsed < Duration::from_millis(700), "{elapsed:?}");
+        // A later deadline does not extend an earlier one; past it, no request is made.
+        let c = c.with_deadline(started + Duration::from_secs(60));
+        let requests = server.requests().len();
+        let error = c.fetch_jwks(&server.url("/jwks/")).unwrap_err();
+        assert!(error.to_string().ends_with("is unreachable: timeout: login deadline reached"));
+        assert_eq!(server.requests().len(), requests);
     }
 
     #[test]

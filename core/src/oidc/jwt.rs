@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 
 use super::discovery::{same_issuer, Jwks};
+use crate::config::ProviderSettings;
 use crate::UnixTime;
 
 /// Clock skew tolerated on `exp`, in seconds.
@@ -29,12 +30,46 @@ pub enum TokenError {
     Issuer(String),
     #[error("id_token audience does not include the client id")]
     Audience,
+    #[error("id_token audience \"{0}\" is not trusted")]
+    UntrustedAudience(String),
+    #[error("id_token has several audiences and no \"azp\" claim")]
+    NoAuthorizedParty,
     #[error("id_token has expired")]
     Expired,
     #[error("id_token nonce does not match")]
     Nonce,
     #[error("id_token has no \"sub\" claim")]
     NoSubject,
+    #[error("id_token has no \"iat\" claim")]
+    NoIssuedAt,
+}
+
+/// What a valid id_token says besides its signature: the values [`validate_id_token`] checks.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpectedClaims<'a> {
+    /// `iss` (one trailing `/` ignored).
+    pub issuer: &'a str,
+    /// Must be one of the audiences, and `azp` when there is one.
+    pub client_id: &'a str,
+    /// Audiences the token may name besides `client_id` (`trusted_audiences`).
+    pub trusted_audiences: &'a [String],
+    /// The login's nonce; an empty one matches nothing.
+    pub nonce: &'a str,
+    /// The clock `exp` is checked against.
+    pub now: UnixTime,
+}
+
+impl<'a> ExpectedClaims<'a> {
+    /// The claims expected from `settings`' provider for the login with `nonce`.
+    pub fn new(settings: &'a ProviderSettings, nonce: &'a str, now: UnixTime) -> Self {
+        ExpectedClaims {
+            issuer: settings.issuer.as_str(),
+            client_id: &settings.client_id,
+            trusted_audiences: &settings.trusted_audiences,
+            nonce,
+            now,
+        }
+    }
 }
 
 /// The `kid` and `alg` of a JWT's header, without verifying anything.
@@ -63,27 +98,29 @@ pub fn peek_header(token: &str) -> Result<(Option<String>, String), TokenError> 
     Ok((kid, alg.clone()))
 }
 
-/// Verifies `id_token` and returns its claims.
-/// Accepted algorithms: RS256, ES256 (key from `jwks`, by `kid`, or the only key when the token
-/// has no `kid`) and HS256 (key = `client_secret` bytes, as authentik signs proxy providers).
-/// Checks `iss` == `issuer` (ignoring one trailing `/`), `aud` contains `client_id`, `exp` > now
-/// (60 s leeway), `nonce` == `nonce` (constant-time), `sub` present and a string.
+/// Verifies `id_token` and returns its claims (OIDC Core 3.1.3.7).
+/// Accepted algorithms: RS256, ES256 (key from `jwks`, by `kid`; a token without `kid` needs a
+/// JWKS with exactly one key of its algorithm, it is refused when there are several) and HS256
+/// (key = `client_secret` bytes, as authentik signs proxy providers); `none` and every other
+/// algorithm are refused.
+/// Checks `iss` == `expected.issuer` (ignoring one trailing `/`); `aud` contains `client_id` and
+/// nothing but `client_id` and `trusted_audiences`; with several audiences, `azp` is present;
+/// `azp`, when present, is `client_id`; `exp` > now (60 s leeway); `iat` present and numeric;
+/// `nonce` == `expected.nonce` (constant-time); `sub` a non-empty string.
 pub fn validate_id_token(
     id_token: &str,
     jwks: &Jwks,
     client_secret: &str,
-    issuer: &str,
-    client_id: &str,
-    nonce: &str,
-    now: UnixTime,
+    expected: &ExpectedClaims<'_>,
 ) -> Result<Map<String, Value>, TokenError> {
     let (kid, alg) = peek_header(id_token)?;
     let (algorithm, key) = verification_key(&alg, kid.as_deref(), jwks, client_secret)?;
-    let claims = verify_signature_and_audience(id_token, algorithm, &key, client_id)?;
-    check_issuer(&claims, issuer)?;
-    check_audience_party(&claims, client_id)?;
-    check_expiry(&claims, now)?;
-    check_nonce(&claims, nonce)?;
+    let claims = verify_signature_and_audience(id_token, algorithm, &key, expected.client_id)?;
+    check_issuer(&claims, expected.issuer)?;
+    check_audience(&claims, expected.client_id, expected.trusted_audiences)?;
+    check_expiry(&claims, expected.now)?;
+    check_issued_at(&claims)?;
+    check_nonce(&claims, expected.nonce)?;
     check_subject(&claims)?;
     Ok(claims)
 }
@@ -151,13 +188,40 @@ fn check_issuer(claims: &Map<String, Value>, issuer: &str) -> Result<(), TokenEr
     }
 }
 
-/// OIDC Core 3.1.3.7 (4, 5): with several audiences, `azp` when present must be the client.
-fn check_audience_party(claims: &Map<String, Value>, client_id: &str) -> Result<(), TokenError> {
-    match claims.get("azp") {
-        None => Ok(()),
-        Some(Value::String(azp)) if azp == client_id => Ok(()),
-        Some(_) => Err(TokenError::Audience),
+/// OIDC Core 3.1.3.7 (3, 4, 5): `aud` (a string or an array of strings) contains `client_id`
+/// and no audience but `client_id` and the trusted ones; with several audiences `azp` is
+/// required; `azp`, when present, must be the client.
+fn check_audience(
+    claims: &Map<String, Value>,
+    client_id: &str,
+    trusted_audiences: &[String],
+) -> Result<(), TokenError> {
+    let mut audiences: Vec<&str> = match claims.get("aud") {
+        Some(Value::String(aud)) => vec![aud.as_str()],
+        Some(Value::Array(values)) => {
+            let Some(audiences) = values.iter().map(Value::as_str).collect() else {
+                return Err(TokenError::Audience);
+            };
+            audiences
+        }
+        _ => return Err(TokenError::Audience),
+    };
+    audiences.sort_unstable();
+    audiences.dedup();
+    if !audiences.contains(&client_id) {
+        return Err(TokenError::Audience);
     }
+    match claims.get("azp") {
+        None if audiences.len() > 1 => return Err(TokenError::NoAuthorizedParty),
+        None => {}
+        Some(Value::String(azp)) if azp == client_id => {}
+        Some(_) => return Err(TokenError::Audience),
+    }
+    let trusted = |aud: &str| aud == client_id || trusted_audiences.iter().any(|t| t == aud);
+    if let Some(untrusted) = audiences.into_iter().find(|aud| !trusted(aud)) {
+        return Err(TokenError::UntrustedAudience(untrusted.to_owned()));
+    }
+    Ok(())
 }
 
 fn check_expiry(claims: &Map<String, Value>, now: UnixTime) -> Result<(), TokenError> {
@@ -168,6 +232,14 @@ fn check_expiry(claims: &Map<String, Value>, now: UnixTime) -> Result<(), TokenE
         return Err(TokenError::Expired);
     }
     Ok(())
+}
+
+/// OIDC Core 2: `iat` is required, a NumericDate.
+fn check_issued_at(claims: &Map<String, Value>) -> Result<(), TokenError> {
+    match claims.get("iat").and_then(numeric_date) {
+        Some(_) => Ok(()),
+        None => Err(TokenError::NoIssuedAt),
+    }
 }
 
 /// A JWT NumericDate: an integer, or a float truncated to seconds.
@@ -233,7 +305,7 @@ pub(crate) mod tests {
         jsonwebtoken::encode(&header, claims, &key).unwrap()
     }
 
-    fn public_jwk(alg: Algorithm, kid: &str) -> Value {
+    pub(crate) fn public_jwk(alg: Algorithm, kid: &str) -> Value {
         let key = match alg {
             Algorithm::RS256 => EncodingKey::from_rsa_pem(RSA_PEM).unwrap(),
             _ => EncodingKey::from_ec_pem(EC_PEM).unwrap(),
@@ -248,12 +320,20 @@ pub(crate) mod tests {
         json!({"keys": [public_jwk(Algorithm::RS256, "rsa-kid"), public_jwk(Algorithm::ES256, "ec-kid")]})
     }
 
+    const EXPECTED: ExpectedClaims<'static> = ExpectedClaims {
+        issuer: ISSUER,
+        client_id: CLIENT_ID,
+        trusted_audiences: &[],
+        nonce: NONCE,
+        now: NOW,
+    };
+
     fn jwks() -> Jwks {
         Jwks::parse(jwks_json().to_string().as_bytes()).unwrap()
     }
 
     fn validate(token: &str) -> Result<Map<String, Value>, TokenError> {
-        validate_id_token(token, &jwks(), SECRET, ISSUER, CLIENT_ID, NONCE, NOW)
+        validate_id_token(token, &jwks(), SECRET, &EXPECTED)
     }
 
     fn with(changes: Value) -> Value {
@@ -287,6 +367,8 @@ pub(crate) mod tests {
         }
     }
 
+    /// rp-id_token-kid-absent-single-jwks (accepted) and rp-id_token-kid-absent-multiple-jwks
+    /// (refused: the RP test allows refusing or trying each key).
     #[test]
     fn token_without_kid_uses_the_only_key_of_its_algorithm() {
         assert!(validate(&sign(&claims(), Algorithm::RS256, None)).is_ok());
@@ -296,7 +378,7 @@ pub(crate) mod tests {
         let jwks = Jwks::parse(doubled.to_string().as_bytes()).unwrap();
         let token = sign(&claims(), Algorithm::RS256, None);
         assert_eq!(
-            validate_id_token(&token, &jwks, SECRET, ISSUER, CLIENT_ID, NONCE, NOW),
+            validate_id_token(&token, &jwks, SECRET, &EXPECTED),
             Err(TokenError::UnknownKey(String::new()))
         );
     }
@@ -307,7 +389,7 @@ pub(crate) mod tests {
         assert_eq!(validate(&token), Err(TokenError::UnknownKey("rotated".into())));
         let token = sign(&claims(), Algorithm::RS256, Some("rsa-kid"));
         assert_eq!(
-            validate_id_token(&token, &Jwks::default(), SECRET, ISSUER, CLIENT_ID, NONCE, NOW),
+            validate_id_token(&token, &Jwks::default(), SECRET, &EXPECTED),
             Err(TokenError::UnknownKey("rsa-kid".into()))
         );
         // An RS256 token naming the EC key's kid does not get the EC key.
@@ -315,6 +397,7 @@ pub(crate) mod tests {
         assert_eq!(validate(&token), Err(TokenError::UnknownKey("ec-kid".into())));
     }
 
+    /// Includes rp-id_token-sig-none.
     #[test]
     fn other_algorithms_are_refused() {
         assert_eq!(
@@ -335,15 +418,16 @@ pub(crate) mod tests {
     fn hs256_needs_a_client_secret() {
         let token = sign(&claims(), Algorithm::HS256, None);
         assert_eq!(
-            validate_id_token(&token, &jwks(), "", ISSUER, CLIENT_ID, NONCE, NOW),
+            validate_id_token(&token, &jwks(), "", &EXPECTED),
             Err(TokenError::Algorithm("HS256".into()))
         );
         assert_eq!(
-            validate_id_token(&token, &jwks(), "other-secret", ISSUER, CLIENT_ID, NONCE, NOW),
+            validate_id_token(&token, &jwks(), "other-secret", &EXPECTED),
             Err(TokenError::Signature)
         );
     }
 
+    /// rp-id_token-bad-sig-rs256, -es256, -hs256.
     #[test]
     fn bad_signatures_are_refused() {
         for (alg, kid) in [
@@ -380,6 +464,7 @@ pub(crate) mod tests {
         assert_eq!(validate(&token), Err(TokenError::Signature));
     }
 
+    /// rp-id_token-issuer-mismatch.
     #[test]
     fn issuer_must_match() {
         let token = sign(&with(json!({"iss": "https://evil.example/"})), Algorithm::HS256, None);
@@ -391,20 +476,115 @@ pub(crate) mod tests {
         assert!(validate(&token).is_ok());
     }
 
+    /// rp-id_token-aud.
     #[test]
     fn audience_must_include_the_client() {
         let token = sign(&with(json!({"aud": "someone-else"})), Algorithm::HS256, None);
         assert_eq!(validate(&token), Err(TokenError::Audience));
         let token = sign(&with(json!({"aud": null})), Algorithm::HS256, None);
         assert_eq!(validate(&token), Err(TokenError::Audience));
-        let token = sign(&with(json!({"aud": ["other", CLIENT_ID]})), Algorithm::HS256, None);
-        assert!(validate(&token).is_ok());
+        // Several audiences: only with azp = the client, and only trusted ones.
+        let trusted = ["other".to_owned()];
+        let trusting = ExpectedClaims { trusted_audiences: &trusted, ..EXPECTED };
+        let token = sign(
+            &with(json!({"aud": ["other", CLIENT_ID], "azp": CLIENT_ID})),
+            Algorithm::HS256,
+            None,
+        );
+        assert!(validate_id_token(&token, &jwks(), SECRET, &trusting).is_ok());
+        assert_eq!(validate(&token), Err(TokenError::UntrustedAudience("other".into())));
         let token = sign(
             &with(json!({"aud": ["other", CLIENT_ID], "azp": "other"})),
             Algorithm::HS256,
             None,
         );
         assert_eq!(validate(&token), Err(TokenError::Audience));
+    }
+
+    /// An array holding the client and an untrusted party, without azp, was accepted.
+    #[test]
+    fn rp_id_token_aud_untrusted_party_is_refused() {
+        let token = sign(&with(json!({"aud": ["other", CLIENT_ID]})), Algorithm::HS256, None);
+        assert_eq!(validate(&token), Err(TokenError::NoAuthorizedParty));
+        assert_eq!(
+            TokenError::NoAuthorizedParty.to_string(),
+            "id_token has several audiences and no \"azp\" claim"
+        );
+        // Trusting the other party does not make azp optional.
+        let trusted = ["other".to_owned()];
+        let trusting = ExpectedClaims { trusted_audiences: &trusted, ..EXPECTED };
+        assert_eq!(
+            validate_id_token(&token, &jwks(), SECRET, &trusting),
+            Err(TokenError::NoAuthorizedParty)
+        );
+        // With azp = the client, the other audience must still be trusted.
+        let token = sign(
+            &with(json!({"aud": ["other", CLIENT_ID, "third"], "azp": CLIENT_ID})),
+            Algorithm::HS256,
+            None,
+        );
+        assert_eq!(
+            validate_id_token(&token, &jwks(), SECRET, &trusting),
+            Err(TokenError::UntrustedAudience("third".into()))
+        );
+        assert_eq!(
+            TokenError::UntrustedAudience("third".into()).to_string(),
+            "id_token audience \"third\" is not trusted"
+        );
+        // A single audience that is the client, in an array or repeated, is one audience.
+        for aud in [json!([CLIENT_ID]), json!([CLIENT_ID, CLIENT_ID])] {
+            let token = sign(&with(json!({ "aud": aud })), Algorithm::HS256, None);
+            assert!(validate(&token).is_ok(), "{aud}");
+        }
+        // azp, when present with one audience, is still the client.
+        let token = sign(&with(json!({"azp": "other"})), Algorithm::HS256, None);
+        assert_eq!(validate(&token), Err(TokenError::Audience));
+        for aud in [json!([]), json!([CLIENT_ID, 5]), json!({"aud": CLIENT_ID})] {
+            let token = sign(&with(json!({ "aud": aud })), Algorithm::HS256, None);
+            assert!(validate(&token).is_err(), "{aud}");
+        }
+    }
+
+    #[test]
+    fn rp_id_token_iat_is_required() {
+        let token = sign(&with(json!({"iat": null})), Algorithm::HS256, None);
+        assert_eq!(validate(&token), Err(TokenError::NoIssuedAt));
+        for iat in [json!("1700000000"), json!(true), json!([NOW]), json!({})] {
+            let token = sign(&with(json!({ "iat": iat })), Algorithm::HS256, None);
+            assert_eq!(validate(&token), Err(TokenError::NoIssuedAt), "{iat}");
+        }
+        let token = sign(&with(json!({"iat": NOW as f64 + 0.5})), Algorithm::HS256, None);
+        assert!(validate(&token).is_ok());
+        assert_eq!(TokenError::NoIssuedAt.to_string(), "id_token has no \"iat\" claim");
+    }
+
+    #[test]
+    fn expected_claims_come_from_the_settings() {
+        let settings = ProviderSettings {
+            name: "app".into(),
+            issuer: crate::config::parse_http_url(ISSUER).unwrap(),
+            client_id: CLIENT_ID.into(),
+            client_secret: SECRET.into(),
+            external_host: None,
+            mode: crate::config::Mode::Proxy,
+            cookie_domain: None,
+            scopes: vec!["openid".into()],
+            timeout_ms: 1_000,
+            ca_file: None,
+            post_logout_redirect: None,
+            trusted_audiences: vec!["other".into()],
+        };
+        let expected = ExpectedClaims::new(&settings, NONCE, NOW);
+        assert_eq!(expected.issuer, ISSUER);
+        assert_eq!(expected.client_id, CLIENT_ID);
+        assert_eq!(expected.trusted_audiences, ["other".to_owned()]);
+        assert_eq!((expected.nonce, expected.now), (NONCE, NOW));
+        let token = sign(
+            &with(json!({"aud": [CLIENT_ID, "other"], "azp": CLIENT_ID})),
+            Algorithm::HS256,
+            None,
+        );
+        assert!(validate_id_token(&token, &jwks(), SECRET, &expected).is_ok());
     }
 
     #[test]
@@ -421,9 +601,11 @@ pub(crate) mod tests {
         assert!(validate(&token).is_err());
         // A token long expired by the wall clock is accepted at a pinned `now` before its exp.
         let token = sign(&with(json!({"exp": 1000})), Algorithm::HS256, None);
-        assert!(validate_id_token(&token, &jwks(), SECRET, ISSUER, CLIENT_ID, NONCE, 900).is_ok());
+        let at_900 = ExpectedClaims { now: 900, ..EXPECTED };
+        assert!(validate_id_token(&token, &jwks(), SECRET, &at_900).is_ok());
     }
 
+    /// rp-nonce-invalid.
     #[test]
     fn nonce_must_match() {
         let token = sign(&with(json!({"nonce": "other"})), Algorithm::HS256, None);
@@ -434,11 +616,12 @@ pub(crate) mod tests {
         assert_eq!(validate(&token), Err(TokenError::Nonce));
         let token = sign(&with(json!({"nonce": ""})), Algorithm::HS256, None);
         assert_eq!(
-            validate_id_token(&token, &jwks(), SECRET, ISSUER, CLIENT_ID, "", NOW),
+            validate_id_token(&token, &jwks(), SECRET, &ExpectedClaims { nonce: "", ..EXPECTED }),
             Err(TokenError::Nonce)
         );
     }
 
+    /// rp-id_token-sub.
     #[test]
     fn subject_is_required() {
         for sub in [Value::Null, json!(""), json!(42)] {

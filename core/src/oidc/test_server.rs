@@ -1,8 +1,10 @@
 //! A tiny HTTP/1.1 responder on 127.0.0.1 for testing the provider client over real loopback
-//! connections: one request per connection, `Connection: close`, canned replies.
+//! connections: one request per connection, `Connection: close`, canned replies, optionally
+//! trickled one byte at a time (below TLS for the TLS server: the raw record bytes trickle).
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -34,14 +36,65 @@ pub(crate) struct Reply {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
+    pub trickle: Trickle,
+}
+
+/// How a reply is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Trickle {
+    /// All at once.
+    #[default]
+    No,
+    /// One byte every interval from the status line on.
+    Head(Duration),
+    /// Headers at once, then the body one byte every interval.
+    Body(Duration),
 }
 
 impl Reply {
     pub fn json(status: u16, body: serde_json::Value) -> Reply {
-        Reply { status, content_type: "application/json", body: body.to_string().into_bytes() }
+        Reply::raw(status, "application/json", body.to_string())
     }
     pub fn raw(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
-        Reply { status, content_type, body: body.into() }
+        Reply { status, content_type, body: body.into(), trickle: Trickle::No }
+    }
+    pub fn trickled(self, trickle: Trickle) -> Reply {
+        Reply { trickle, ..self }
+    }
+}
+
+/// A TCP stream whose writes send one byte then sleep while `pace_ms` is not 0.
+struct Paced {
+    stream: TcpStream,
+    pace_ms: Arc<AtomicU64>,
+}
+
+impl Paced {
+    fn new(stream: TcpStream) -> (Paced, Arc<AtomicU64>) {
+        let _ = stream.set_nodelay(true);
+        let pace_ms = Arc::new(AtomicU64::new(0));
+        (Paced { stream, pace_ms: pace_ms.clone() }, pace_ms)
+    }
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let pace = self.pace_ms.load(Ordering::Relaxed);
+        if pace == 0 || buf.is_empty() {
+            return self.stream.write(buf);
+        }
+        let written = self.stream.write(&buf[..1])?;
+        thread::sleep(Duration::from_millis(pace));
+        Ok(written)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 
@@ -64,7 +117,8 @@ impl TestServer {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                serve(stream, &*handler, &thread_base, &thread_requests);
+                let (stream, pace) = Paced::new(stream);
+                serve(stream, &pace, &*handler, &thread_base, &thread_requests);
             }
         });
         TestServer { base, requests }
@@ -87,9 +141,10 @@ impl TestServer {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let (stream, pace) = Paced::new(stream);
                 // A client that refuses our certificate ends the handshake: skip it.
                 let Ok(stream) = acceptor.accept(stream) else { continue };
-                serve(stream, &handler, &thread_base, &thread_requests);
+                serve(stream, &pace, &handler, &thread_base, &thread_requests);
             }
         });
         TestServer { base, requests }
@@ -104,7 +159,14 @@ impl TestServer {
     }
 }
 
-fn serve(mut stream: impl Read + Write, handler: &Handler, base: &str, log: &Mutex<Vec<Request>>) {
+/// Answers one request; `pace` (milliseconds per byte, 0 = full speed) paces the TCP writes.
+fn serve(
+    mut stream: impl Read + Write,
+    pace: &AtomicU64,
+    handler: &Handler,
+    base: &str,
+    log: &Mutex<Vec<Request>>,
+) {
     let Some(request) = read_request(&mut stream) else { return };
     let reply = handler(&request, base);
     log.lock().unwrap().push(request);
@@ -114,7 +176,16 @@ fn serve(mut stream: impl Read + Write, handler: &Handler, base: &str, log: &Mut
         reply.content_type,
         reply.body.len()
     );
-    let _ = stream.write_all(head.as_bytes());
+    let millis = |interval: Duration| (interval.as_millis() as u64).max(1);
+    if let Trickle::Head(interval) = reply.trickle {
+        pace.store(millis(interval), Ordering::Relaxed);
+    }
+    if stream.write_all(head.as_bytes()).and_then(|()| stream.flush()).is_err() {
+        return;
+    }
+    if let Trickle::Body(interval) = reply.trickle {
+        pace.store(millis(interval), Ordering::Relaxed);
+    }
     let _ = stream.write_all(&reply.body);
     let _ = stream.flush();
 }
