@@ -933,3 +933,72 @@ def test_unauth_pattern_matching_everything_refused(nginx, where, pattern):
     needle = {"provider": "unauth_paths ^/ok/", "server": "authentik_unauth_paths ^/ok/",
               "location": f"authentik_unauth_paths {pattern};"}[where]
     assert_emerg_at(nginx, rc, out, line_of(text, needle), f"{where} pattern {pattern!r}")
+
+
+# HTTP/2: the module's responses discard the stream's body too, and the connection keeps
+# serving other streams.
+def h2_exchange(port: int, requests_: list[tuple[str, str, list, bytes]], timeout: float = 10.0) -> list[int]:
+    """Sends each (method, path, headers, body) as one stream on one h2c connection, one after
+    the other; returns the status of each (None when the stream got no answer)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    statuses = []
+    try:
+        for method, path, headers, body in requests_:
+            sid = conn.get_next_available_stream_id()
+            hdrs = [(":method", method), (":path", path), (":scheme", "http"),
+                    (":authority", f"127.0.0.1:{port}"), *[(k.lower(), v) for k, v in headers]]
+            if body:
+                hdrs.append(("content-length", str(len(body))))
+            conn.send_headers(sid, hdrs, end_stream=not body)
+            sock.sendall(conn.data_to_send())
+            pending, status, ended = body, None, False
+            deadline = time.monotonic() + timeout
+            while not ended and time.monotonic() < deadline:
+                while pending and not ended:
+                    window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    if window <= 0:
+                        break
+                    chunk, pending = pending[:window], pending[window:]
+                    conn.send_data(sid, chunk, end_stream=not pending)
+                    sock.sendall(conn.data_to_send())
+                data = sock.recv(65536)
+                if not data:
+                    break
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                        status = int(dict(ev.headers)[b":status"])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)) and ev.stream_id == sid:
+                        ended = True
+                sock.sendall(conn.data_to_send())
+            statuses.append(status)
+    finally:
+        sock.close()
+    return statuses
+
+
+@pytest.mark.parametrize("case", ["ping", "callback-bogus-state-400", "no-session-401", "navigation-302"])
+def test_module_responses_discard_body_over_http2(nginx, provider, upstream, case):
+    client = provider.new_client([nginx.origin])
+    nginx.start(f"""
+authentik_session_zone zone=authentik:1m;
+{provider_block("main", provider.issuer, client, nginx.origin, "proxy", "unauth_paths ^/public/;")}
+server {{
+    listen 127.0.0.1:@PORT@ http2;
+    location / {{ auth_authentik main; proxy_pass {upstream.url}; }}
+}}
+""")
+    method, target, headers, status = SMUGGLE_CASES[case]
+    body = b"GET /public/smuggled-h2 HTTP/1.1\r\nHost: x\r\n\r\n" * 4000
+    codes = h2_exchange(nginx.port, [("POST", target, headers, body), ("GET", "/public/after-h2", [], b"")])
+    assert codes == [status, 200], codes
+    log = nginx.access_log()
+    assert "smuggled-h2" not in log and "/public/after-h2" in log, log
