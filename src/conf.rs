@@ -7,12 +7,13 @@ use core::ptr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use authentik_core::provider::ProviderRuntime;
+
 use authentik_core::config::{
     parse_cookie_domain, parse_http_url, Mode, ProviderSettings, DEFAULT_SCOPES,
 };
 use authentik_core::cookie::session_cookie_name;
 use authentik_core::oidc::login::LOGIN_TTL;
-use authentik_core::oidc::{MetadataCache, ProviderClient};
 use authentik_core::paths::UnauthPaths;
 use nginx_sys::{
     ngx_command_t, ngx_conf_parse, ngx_conf_t, ngx_parse_size, ngx_parse_time, ngx_str_t,
@@ -23,7 +24,8 @@ use ngx::http::HttpModuleMainConf;
 use ngx::ngx_conf_log_error;
 use url::Url;
 
-use crate::task::CallState;
+use crate::call::CallState;
+use crate::provider::Provider;
 use crate::zone::SessionZone;
 use crate::HttpAuthentikModule;
 
@@ -56,33 +58,6 @@ pub struct MainConf {
     pub providers: Vec<Box<Provider>>,
     /// nginx's `default` thread pool, used for every call to a provider.
     pub thread_pool: *mut ngx_thread_pool_t,
-}
-
-/// One `authentik_provider` block, resolved.
-pub struct Provider {
-    pub settings: Arc<ProviderSettings>,
-    /// Provider-wide unauthenticated paths.
-    pub unauth: UnauthPaths,
-    pub cookie_name: String,
-    /// Metadata cache and HTTP client, shared with the thread-pool threads.
-    pub cache: Arc<MetadataCache>,
-    pub client: ProviderClient,
-    /// How long a started login may take before its callback is refused, seconds.
-    pub login_timeout: i64,
-    /// The session zone; set by `init_main_conf`.
-    pub zone: *const SessionZone,
-    /// Binds sessions to this provider in the zone: a hash of issuer and client_id, unique
-    /// among the zone's providers (checked by `init_main_conf`).
-    pub key: u32,
-    /// `external_host`'s path without a trailing `/` ("" for none): the outpost endpoints and
-    /// the login cookie live under `<base_path>/outpost.goauthentik.io/`.
-    pub base_path: String,
-    /// Calls to the provider this worker may have on the thread pool at once (`max_pending_calls`).
-    pub max_pending_calls: usize,
-    /// This worker's calls in flight and discovery waiters.
-    pub calls: CallState,
-    zone_name: Option<String>,
-    origin: ConfOrigin,
 }
 
 /// Where a directive was written, for errors reported after the fact.
@@ -292,7 +267,7 @@ pub unsafe extern "C" fn cmd_add_provider(
         if name.is_empty() || name == "off" {
             return emerg!(cf, "invalid provider name \"{}\"", name);
         }
-        if main_conf(cf).providers.iter().any(|p| p.settings.name == name) {
+        if main_conf(cf).providers.iter().any(|p| p.settings().name == name) {
             return emerg!(cf, "duplicate authentik_provider \"{}\"", name);
         }
         let origin = ConfOrigin::of(cf);
@@ -358,28 +333,27 @@ fn build_provider(
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));
     }
-    let client = ProviderClient::new(&settings)
-        .map_err(|e| emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e))?;
-
     let base_path = settings
         .external_host
         .as_ref()
         .map_or("", |url| url.path().trim_end_matches('/'))
         .to_string();
+    let key = provider_key(settings.issuer.as_str(), &settings.client_id);
+    let cookie_name = session_cookie_name(&settings.client_id);
+    let name = settings.name.clone();
+    let runtime = ProviderRuntime::new(settings, unauth)
+        .map_err(|e| emerg!(cf, "authentik_provider \"{}\": {}", name, e))?;
+    let max_in_flight = block.max_pending_calls.unwrap_or(DEFAULT_MAX_PENDING_CALLS);
     Ok(Provider {
-        key: provider_key(settings.issuer.as_str(), &settings.client_id),
-        base_path,
-        max_pending_calls: block.max_pending_calls.unwrap_or(DEFAULT_MAX_PENDING_CALLS),
-        calls: CallState::default(),
-        cookie_name: session_cookie_name(&settings.client_id),
-        settings: Arc::new(settings),
-        unauth,
-        cache: Arc::new(MetadataCache::default()),
-        client,
+        runtime: Arc::new(runtime),
+        cookie_name,
         login_timeout: block.login_timeout.unwrap_or(LOGIN_TTL),
+        key,
+        base_path,
+        calls: CallState::new(max_in_flight),
         zone: ptr::null(),
         zone_name: block.session_zone,
-        origin,
+        declared_at: origin.to_string(),
     })
 }
 
@@ -592,8 +566,8 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
                 return emerg!(
                     cf,
                     "authentik_provider \"{}\" defined in {}: {}",
-                    provider.settings.name,
-                    provider.origin,
+                    provider.settings().name,
+                    provider.declared_at,
                     reason
                 );
             };
@@ -603,8 +577,8 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
         // zone must not share a key.
         for (i, a) in conf.providers.iter().enumerate() {
             let same_app = |b: &Provider| {
-                a.settings.issuer == b.settings.issuer
-                    && a.settings.client_id == b.settings.client_id
+                a.settings().issuer == b.settings().issuer
+                    && a.settings().client_id == b.settings().client_id
             };
             let clash = conf.providers[..i]
                 .iter()
@@ -614,8 +588,8 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
                     cf,
                     "authentik_providers \"{}\" and \"{}\" cannot share a session zone, \
                      give one of them another \"session_zone\"",
-                    b.settings.name,
-                    a.settings.name
+                    b.settings().name,
+                    a.settings().name
                 );
             }
         }
@@ -650,7 +624,7 @@ pub unsafe extern "C" fn merge_loc_conf(
             conf.provider = ptr::null();
             return CONF_OK;
         };
-        let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings.name == name)
+        let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings().name == name)
         else {
             // Reported with the directive's own position, like nginx does for unknown references.
             let msg = format!("unknown authentik_provider \"{name}\" in {origin}");
@@ -669,8 +643,8 @@ pub unsafe extern "C" fn merge_loc_conf(
         };
         conf.provider = &**provider as *const Provider;
         conf.unauth = match &conf.own_unauth {
-            Some(own) => provider.unauth.extend(own),
-            None => provider.unauth.clone(),
+            Some(own) => provider.runtime.unauth.extend(own),
+            None => provider.runtime.unauth.clone(),
         };
         CONF_OK
     })

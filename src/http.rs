@@ -6,10 +6,8 @@ use core::mem::size_of;
 use core::ptr;
 
 use nginx_sys::{
-    ngx_buf_t, ngx_chain_t, ngx_http_discard_request_body, ngx_http_finalize_request,
-    ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_int_t, ngx_list_part_t,
-    ngx_list_push, ngx_palloc, ngx_pcalloc, ngx_pnalloc, ngx_str_t, ngx_table_elt_t, ngx_uint_t,
-    NGX_DONE, NGX_ERROR, NGX_HTTP_INTERNAL_SERVER_ERROR, NGX_OK,
+    ngx_http_request_t, ngx_list_part_t, ngx_list_push, ngx_palloc, ngx_pnalloc, ngx_str_t,
+    ngx_table_elt_t, ngx_uint_t,
 };
 
 /// nginx's `ngx_hash()` over a lowercase header name: what `proxy_set_header` matching expects.
@@ -89,6 +87,7 @@ pub fn pool_str(r: &ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
 }
 
 /// A header name known at compile time with its lowercase form and hash.
+#[derive(Clone, Copy)]
 pub struct HeaderName {
     pub name: &'static str,
     pub lowercase: &'static str,
@@ -308,75 +307,6 @@ pub fn set_location(r: &mut ngx_http_request_t, url: &str) -> bool {
     };
     r.headers_out.location = elt;
     true
-}
-
-/// Reads and drops the request body, as nginx's own handlers do before answering without
-/// reading it: otherwise, on a keep-alive connection, the body would be parsed as the next
-/// request (request smuggling). HTTP/1.x `Content-Length` and chunked bodies, and HTTP/2 and
-/// HTTP/3 streams, are handled by nginx; if discarding fails the connection is not kept alive.
-pub fn discard_body(r: &mut ngx_http_request_t) {
-    // SAFETY: `r` is the live request being answered; discarding twice is a no-op in nginx.
-    if unsafe { ngx_http_discard_request_body(r) } != NGX_OK as ngx_int_t {
-        r.set_keepalive(0);
-    }
-}
-
-/// Sends `status` with no body (ping's 204) and finalizes the request.
-pub fn send_empty(r: &mut ngx_http_request_t, status: usize) -> ngx_int_t {
-    discard_body(r);
-    r.headers_out.status = status as ngx_uint_t;
-    r.headers_out.content_length_n = 0;
-    r.set_header_only(1);
-    let rp = r as *mut ngx_http_request_t;
-    // SAFETY: sends the header of the request we were handed.
-    let rc = unsafe { ngx_http_send_header(r) };
-    // SAFETY: finalizes the request we were handed; it is not used afterwards.
-    unsafe { ngx_http_finalize_request(rp, rc) };
-    NGX_DONE as ngx_int_t
-}
-
-/// Sends `status` with an HTML body and finalizes the request; the access handler then returns
-/// the result (NGX_DONE) so that phase processing stops. The request body is discarded first.
-pub fn send_page(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
-    discard_body(r);
-    let rp = r as *mut ngx_http_request_t;
-    let rc = send_page_inner(r, status, html);
-    // SAFETY: finalizes the request we were handed; it is not used afterwards.
-    unsafe { ngx_http_finalize_request(rp, rc) };
-    NGX_DONE as ngx_int_t
-}
-
-fn send_page_inner(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
-    let Some(body) = pool_str(r, html.as_bytes()) else {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
-    };
-    add_response_header(r, &CACHE_CONTROL, b"no-store");
-    r.headers_out.status = status as ngx_uint_t;
-    r.headers_out.content_length_n = body.len as i64;
-    let ct = "text/html; charset=utf-8";
-    r.headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
-    r.headers_out.content_type_len = ct.len();
-    r.headers_out.content_type_lowcase = ptr::null_mut();
-
-    // SAFETY: sends the header of the request we own.
-    let rc = unsafe { ngx_http_send_header(r) };
-    if rc == NGX_ERROR as ngx_int_t || rc > 0 || r.header_only() != 0 {
-        return rc;
-    }
-    // SAFETY: buffer and chain are allocated from the request pool.
-    unsafe {
-        let b = ngx_pcalloc(r.pool, core::mem::size_of::<ngx_buf_t>()) as *mut ngx_buf_t;
-        if b.is_null() {
-            return NGX_ERROR as ngx_int_t;
-        }
-        (*b).pos = body.data;
-        (*b).last = body.data.add(body.len);
-        (*b).set_memory(1);
-        (*b).set_last_buf(1);
-        (*b).set_last_in_chain(1);
-        let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
-        ngx_http_output_filter(r, &mut out)
-    }
 }
 
 /// `https` when the connection is TLS, else `http`.

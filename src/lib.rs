@@ -2,10 +2,17 @@
 //
 // This file only wires nginx hooks to the modules that do the work:
 // - `conf`: directives, the `authentik_provider {}` block, configuration merging;
+// - `provider`: one provider at run time (shared runtime object, zone, this worker's calls);
 // - `zone`: the session store in shared memory (sessions and pending logins);
-// - `handler`: the access-phase handler and the `/outpost.goauthentik.io/*` endpoints;
-// - `task`: calls to the identity provider on nginx's thread pool;
-// - `http`: small helpers to read and write request and response headers;
+// - `access`: the access-phase handler, the access decision for every request;
+// - `headers`: which client headers are removed, which identity headers are set;
+// - `router`: the `/outpost.goauthentik.io/*` endpoints;
+// - `login`: the login round trip (start, callback, new session, sign-out);
+// - `call`: calls to the identity provider on nginx's thread pool;
+// - `ctx`: the request context between passes through the access phase;
+// - `response`: redirects, pages and cookies the module sends itself;
+// - `http`: helpers over nginx's header lists;
+// - `log`: error_log lines in nginx's phrasing;
 // - `variables`: `$authentik_*` variables.
 // The protocol logic lives in the FFI-free `authentik-core` crate.
 
@@ -19,10 +26,17 @@ use nginx_sys::{
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
+mod access;
+mod call;
 mod conf;
-mod handler;
+mod ctx;
+mod headers;
 mod http;
-mod task;
+mod log;
+mod login;
+mod provider;
+mod response;
+mod router;
 mod variables;
 mod zone;
 
@@ -46,7 +60,7 @@ impl HttpModule for HttpAuthentikModule {
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: nginx passes a valid configuration context.
         let cf = unsafe { &mut *cf };
-        handler::register_access_handler(cf).into()
+        access::register_handler(cf).into()
     }
 }
 

@@ -10,24 +10,15 @@ use nginx_sys::{
 };
 use ngx::core::Status;
 
-use crate::handler::ctx_get;
-use crate::http;
+use authentik_core::identity::IDENTITY_FIELDS;
 
-/// (variable name, index into `Identity::values`).
-const IDENTITY_VARIABLES: [(&str, usize); 7] = [
-    ("authentik_username", 0),
-    ("authentik_groups", 1),
-    ("authentik_entitlements", 2),
-    ("authentik_email", 3),
-    ("authentik_name", 4),
-    ("authentik_uid", 5),
-    ("authentik_jwt", 6),
-];
+use crate::{ctx, http};
+
 const CLAIM_PREFIX: &str = "authentik_claim_";
 
 pub fn register(cf: &mut ngx_conf_t) -> Status {
-    for (name, index) in IDENTITY_VARIABLES {
-        if !add(cf, name, NGX_HTTP_VAR_NOCACHEABLE, identity_variable, index) {
+    for (index, field) in IDENTITY_FIELDS.iter().enumerate() {
+        if !add(cf, field.variable, NGX_HTTP_VAR_NOCACHEABLE, identity_variable, index) {
             return Status::NGX_ERROR;
         }
     }
@@ -77,7 +68,7 @@ unsafe extern "C" fn identity_variable(
     // SAFETY: nginx passes the request and a value slot to fill.
     let (r, v) = unsafe { (&mut *r, &mut *v) };
     let value = catch_unwind(AssertUnwindSafe(|| {
-        let ctx = ctx_get(r)?;
+        let ctx = ctx::get(r)?;
         let record = ctx.session.as_ref()?;
         let value = record.values.get(data)?;
         // Points into the session's bytes in the request pool.
@@ -97,7 +88,7 @@ unsafe extern "C" fn claim_variable(
     let value = catch_unwind(AssertUnwindSafe(|| {
         let claim = http::bytes_of(name).strip_prefix(CLAIM_PREFIX.as_bytes())?;
         let claim = core::str::from_utf8(claim).ok()?;
-        let ctx = ctx_get(r)?;
+        let ctx = ctx::get(r)?;
         let value = ctx.session.as_ref()?.claim(claim)?;
         http::pool_str(r, value.as_bytes())
     }));

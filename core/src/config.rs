@@ -162,6 +162,24 @@ impl ProviderSettings {
         )
     }
 
+    /// The URL of a request for `target` (its path and query as sent) in this provider's mode:
+    /// on the external origin (proxy, forward_single), or on the request's own scheme and host
+    /// (forward_domain, where one provider serves many hosts).
+    pub fn request_url(&self, request_scheme: &str, request_host: &str, target: &str) -> String {
+        match self.mode {
+            Mode::ForwardDomain => format!("{request_scheme}://{request_host}{target}"),
+            _ => format!("{}{target}", self.external_origin(request_scheme, request_host)),
+        }
+    }
+
+    /// The external host's root, `external_host`'s path included: where a refused return URL
+    /// lands.
+    pub fn home_url(&self, request_scheme: &str, request_host: &str) -> String {
+        let base_path =
+            self.external_host.as_ref().map_or("", |url| url.path().trim_end_matches('/'));
+        format!("{}{base_path}/", self.external_origin(request_scheme, request_host))
+    }
+
     /// `true` when the external origin is https (controls the `Secure` cookie attribute).
     pub fn is_secure(&self, request_scheme: &str) -> bool {
         match &self.external_host {
@@ -174,6 +192,26 @@ impl ProviderSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_and_home_urls_follow_the_mode() {
+        let proxy = ProviderSettings {
+            external_host: Some(parse_http_url("https://app.example.com/app").unwrap()),
+            ..settings()
+        };
+        assert_eq!(
+            proxy.request_url("http", "internal:8080", "/x?y"),
+            "https://app.example.com/x?y"
+        );
+        assert_eq!(proxy.home_url("http", "internal:8080"), "https://app.example.com/app/");
+        let domain = ProviderSettings { mode: Mode::ForwardDomain, ..proxy.clone() };
+        assert_eq!(domain.request_url("https", "b.example.com", "/x"), "https://b.example.com/x");
+        let bare = settings();
+        assert_eq!(
+            bare.home_url("http", "h:81"),
+            format!("{}/", bare.external_origin("http", "h:81"))
+        );
+    }
 
     fn settings() -> ProviderSettings {
         ProviderSettings {

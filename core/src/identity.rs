@@ -2,21 +2,85 @@
 
 use serde_json::{Map, Value};
 
-/// The user-specific headers, in a fixed order; `Identity` stores values in this order.
-pub const IDENTITY_HEADERS: [&str; 7] = [
-    "X-authentik-username",
-    "X-authentik-groups",
-    "X-authentik-entitlements",
-    "X-authentik-email",
-    "X-authentik-name",
-    "X-authentik-uid",
-    "X-authentik-jwt",
+/// Where an identity header's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A claim, as text.
+    Claim(&'static str),
+    /// A claim holding a list, joined with `|`.
+    List(&'static str),
+    /// The access token.
+    AccessToken,
+}
+
+/// One identity header: its name, its lowercase form, the nginx variable that reads it, and
+/// where its value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityField {
+    pub header: &'static str,
+    pub lowercase: &'static str,
+    pub variable: &'static str,
+    pub source: Source,
+}
+
+/// Indices into [`IDENTITY_FIELDS`] and [`Identity::values`].
+pub mod field {
+    pub const USERNAME: usize = 0;
+    pub const UID: usize = 5;
+    pub const JWT: usize = 6;
+}
+
+/// The one table of the user-specific headers, in a fixed order; `Identity` stores values in
+/// this order, the glue sets headers and variables from it.
+pub const IDENTITY_FIELDS: [IdentityField; 7] = [
+    IdentityField {
+        header: "X-authentik-username",
+        lowercase: "x-authentik-username",
+        variable: "authentik_username",
+        source: Source::Claim("preferred_username"),
+    },
+    IdentityField {
+        header: "X-authentik-groups",
+        lowercase: "x-authentik-groups",
+        variable: "authentik_groups",
+        source: Source::List("groups"),
+    },
+    IdentityField {
+        header: "X-authentik-entitlements",
+        lowercase: "x-authentik-entitlements",
+        variable: "authentik_entitlements",
+        source: Source::List("entitlements"),
+    },
+    IdentityField {
+        header: "X-authentik-email",
+        lowercase: "x-authentik-email",
+        variable: "authentik_email",
+        source: Source::Claim("email"),
+    },
+    IdentityField {
+        header: "X-authentik-name",
+        lowercase: "x-authentik-name",
+        variable: "authentik_name",
+        source: Source::Claim("name"),
+    },
+    IdentityField {
+        header: "X-authentik-uid",
+        lowercase: "x-authentik-uid",
+        variable: "authentik_uid",
+        source: Source::Claim("sub"),
+    },
+    IdentityField {
+        header: "X-authentik-jwt",
+        lowercase: "x-authentik-jwt",
+        variable: "authentik_jwt",
+        source: Source::AccessToken,
+    },
 ];
 
 /// Values of one user's identity headers, plus `additionalHeaders`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Identity {
-    /// Same order as [`IDENTITY_HEADERS`]; missing claims give "".
+    /// Same order as [`IDENTITY_FIELDS`]; missing claims give "".
     pub values: [String; 7],
     /// `ak_proxy.user_attributes.additionalHeaders` (name, value), in claim order; names that are
     /// not valid HTTP tokens, and values with CR/LF/NUL, are dropped. Strings as-is, integers
@@ -28,24 +92,18 @@ impl Identity {
     /// username = preferred_username, groups/entitlements joined with `|`, email, name,
     /// uid = sub, jwt = the access token. CR/LF/NUL are removed from every value.
     pub fn from_claims(claims: &Map<String, Value>, access_token: &str) -> Identity {
-        let text = |name: &str| claims.get(name).map(scalar_text).unwrap_or_default();
-        let list = |name: &str| claims.get(name).map(joined_list).unwrap_or_default();
-        let values = [
-            text("preferred_username"),
-            list("groups"),
-            list("entitlements"),
-            text("email"),
-            text("name"),
-            text("sub"),
-            access_token.to_owned(),
-        ];
-        Identity {
-            values: values.map(|value| strip_control(&value)),
-            additional: additional_headers(claims),
-        }
+        let values = IDENTITY_FIELDS.map(|field| {
+            let value = match field.source {
+                Source::Claim(name) => claims.get(name).map(scalar_text).unwrap_or_default(),
+                Source::List(name) => claims.get(name).map(joined_list).unwrap_or_default(),
+                Source::AccessToken => access_token.to_owned(),
+            };
+            strip_control(&value)
+        });
+        Identity { values, additional: additional_headers(claims) }
     }
     pub fn username(&self) -> &str {
-        &self.values[0]
+        &self.values[field::USERNAME]
     }
 }
 
@@ -140,6 +198,18 @@ fn is_tchar(byte: u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_table_is_consistent() {
+        for f in IDENTITY_FIELDS {
+            assert_eq!(f.header.to_ascii_lowercase(), f.lowercase);
+            assert!(is_forged_identity_header(f.header.as_bytes(), &[]));
+            assert_eq!(f.variable, f.lowercase.replace("x-authentik-", "authentik_"));
+        }
+        assert_eq!(IDENTITY_FIELDS[field::USERNAME].variable, "authentik_username");
+        assert_eq!(IDENTITY_FIELDS[field::UID].source, Source::Claim("sub"));
+        assert_eq!(IDENTITY_FIELDS[field::JWT].source, Source::AccessToken);
+    }
     use serde_json::json;
 
     fn claims(value: Value) -> Map<String, Value> {

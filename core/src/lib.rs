@@ -13,6 +13,7 @@ pub mod identity;
 pub mod oidc;
 pub mod page;
 pub mod paths;
+pub mod provider;
 pub mod redirect;
 pub mod request;
 pub mod session;

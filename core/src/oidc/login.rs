@@ -149,6 +149,22 @@ pub fn authorize_url(
     url.to_string()
 }
 
+/// `<end_session_endpoint>?[id_token_hint=..&]client_id=..&post_logout_redirect_uri=..`
+/// (RP-initiated logout), keeping any query the endpoint already has; an empty hint is left out.
+pub fn end_session_url(
+    end_session_endpoint: &str,
+    id_token_hint: Option<&str>,
+    client_id: &str,
+    post_logout_redirect: &str,
+) -> String {
+    let hint = id_token_hint.filter(|hint| !hint.is_empty()).map(|hint| ("id_token_hint", hint));
+    let params: Vec<(&str, &str)> = hint
+        .into_iter()
+        .chain([("client_id", client_id), ("post_logout_redirect_uri", post_logout_redirect)])
+        .collect();
+    append_query(end_session_endpoint, &params)
+}
+
 fn append_query(base: &str, params: &[(&str, &str)]) -> String {
     let mut out = base.to_owned();
     for (i, (name, value)) in params.iter().enumerate() {
@@ -164,6 +180,20 @@ fn append_query(base: &str, params: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn end_session_url_carries_hint_client_and_return() {
+        let url = end_session_url("https://idp/end", Some("tok.en"), "c id", "https://app/");
+        assert_eq!(
+            url,
+            "https://idp/end?id_token_hint=tok.en&client_id=c%20id&post_logout_redirect_uri=https%3A%2F%2Fapp%2F"
+        );
+        let url = end_session_url("https://idp/end?x=1", Some(""), "c", "https://app/");
+        assert_eq!(
+            url,
+            "https://idp/end?x=1&client_id=c&post_logout_redirect_uri=https%3A%2F%2Fapp%2F"
+        );
+    }
 
     fn login() -> PendingLogin {
         PendingLogin::new(

@@ -21,16 +21,16 @@ use core::ffi::c_void;
 use core::ptr;
 use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
-use authentik_core::oidc::{complete_login, LoginError, PendingLogin, ProviderError};
+use authentik_core::oidc::{LoginError, PendingLogin, ProviderError};
+use authentik_core::provider::ProviderRuntime;
 use authentik_core::session::SessionRecord;
 use nginx_sys::{
     ngx_event_t, ngx_http_block_reading, ngx_http_request_t, ngx_http_run_posted_requests,
     ngx_http_test_reading, ngx_log_t, ngx_pool_cleanup_add, ngx_thread_pool_t,
     ngx_thread_task_post, ngx_thread_task_t, NGX_OK,
 };
-
-use crate::conf::Provider;
 
 /// Requests that may wait for one provider's discovery fetch in one worker; beyond, 503.
 pub const MAX_DISCOVERY_WAITERS: usize = 256;
@@ -42,7 +42,8 @@ pub enum AfterDiscovery {
     SignOut { id_token: Option<String> },
 }
 
-/// One provider round trip and its result.
+/// One provider round trip and its result. A new kind of provider call is one new variant
+/// here and one arm in `run`.
 pub enum Call {
     /// Fetch the discovery document into the metadata cache, then continue. A waiter (not
     /// posted, woken by the fetch in flight) has `result: None` when it ends.
@@ -72,6 +73,8 @@ pub enum CallError {
 /// worker by fork, so this is never shared between processes).
 #[derive(Default)]
 pub struct CallState {
+    /// Calls this worker may have on the thread pool at once (`max_pending_calls`).
+    max_in_flight: usize,
     /// Calls posted to the thread pool and not yet completed.
     in_flight: Cell<usize>,
     /// A discovery fetch is in flight; these calls wait for it.
@@ -84,7 +87,9 @@ pub struct CallHandle {
     task: ngx_thread_task_t,
     /// The suspended request; null once it has been freed.
     request: *mut ngx_http_request_t,
-    provider: *const Provider,
+    runtime: Arc<ProviderRuntime>,
+    /// The provider's `CallState`, which lives in the configuration as long as the worker.
+    state: *const CallState,
     call: Option<Call>,
     /// The thread panicked (a bug); its message. Set before the completion event.
     panicked: Option<String>,
@@ -117,23 +122,24 @@ impl CallHandle {
     }
 }
 
-/// Starts `call` for `r`: posts it to `pool`, or, for a discovery while one is in flight, queues
-/// it behind that fetch. On success the access handler returns `NGX_AGAIN`.
+/// Starts `call` for `r` against `runtime`: posts it to `pool`, or, for a discovery while one
+/// is in flight, queues it behind that fetch. On success the access handler returns
+/// `NGX_AGAIN`; the handle is the request's until its call ends.
 pub fn start(
     r: &mut ngx_http_request_t,
     pool: *mut ngx_thread_pool_t,
-    provider: &Provider,
+    runtime: &Arc<ProviderRuntime>,
+    state: &CallState,
     call: Call,
 ) -> Result<*mut CallHandle, CallError> {
-    let state = &provider.calls;
     let wait = matches!(call, Call::Discovery { .. }) && state.discovery_in_flight();
     if wait && state.waiter_count() >= MAX_DISCOVERY_WAITERS {
         return Err(CallError::Busy);
     }
-    if !wait && state.in_flight.get() >= provider.max_pending_calls {
+    if !wait && state.in_flight.get() >= state.max_in_flight {
         return Err(CallError::Busy);
     }
-    let handle = new_handle(r, provider, call)?;
+    let handle = new_handle(r, runtime, state, call)?;
     if wait {
         state.push_waiter(handle);
     } else {
@@ -150,6 +156,11 @@ pub fn start(
 }
 
 impl CallState {
+    /// No calls yet; at most `max_in_flight` on the thread pool at once.
+    pub fn new(max_in_flight: usize) -> CallState {
+        CallState { max_in_flight, ..CallState::default() }
+    }
+
     fn discovery_in_flight(&self) -> bool {
         self.discovery_waiters.borrow().is_some()
     }
@@ -165,7 +176,8 @@ impl CallState {
 
 fn new_handle(
     r: &mut ngx_http_request_t,
-    provider: &Provider,
+    runtime: &Arc<ProviderRuntime>,
+    state: &CallState,
     call: Call,
 ) -> Result<*mut CallHandle, CallError> {
     // SAFETY: a zeroed ngx_thread_task_t is what ngx_thread_task_alloc() hands out.
@@ -173,7 +185,8 @@ fn new_handle(
     let handle = Box::into_raw(Box::new(CallHandle {
         task,
         request: r,
-        provider,
+        runtime: runtime.clone(),
+        state,
         call: Some(call),
         panicked: None,
         finished: false,
@@ -197,25 +210,26 @@ fn new_handle(
 /// # Safety
 /// `handle` is a live handle that was not posted yet.
 unsafe fn post(handle: *mut CallHandle, pool: *mut ngx_thread_pool_t) -> Result<(), CallError> {
-    // SAFETY: the caller guarantees `handle` is live; its provider outlives the worker's cycle.
+    // SAFETY: the caller guarantees `handle` is live.
     let h = unsafe { &mut *handle };
-    let provider = unsafe { &*h.provider };
+    // SAFETY: the state lives in the configuration as long as the worker.
+    let state = unsafe { &*h.state };
     h.task.ctx = handle as *mut c_void;
     h.task.handler = Some(run_in_thread);
     h.task.event.data = handle as *mut c_void;
     h.task.event.handler = Some(completed);
     if matches!(h.call, Some(Call::Discovery { .. })) {
-        *provider.calls.discovery_waiters.borrow_mut() = Some(Vec::new());
+        *state.discovery_waiters.borrow_mut() = Some(Vec::new());
     }
     // SAFETY: posts the handle's own task; it stays allocated until the completion event.
     if unsafe { ngx_thread_task_post(pool, &mut h.task) } != NGX_OK as isize {
         if matches!(h.call, Some(Call::Discovery { .. })) {
-            wake_waiters(provider);
+            wake_waiters(state);
         }
         return Err(CallError::Post);
     }
     h.posted = true;
-    provider.calls.in_flight.set(provider.calls.in_flight.get() + 1);
+    state.in_flight.set(state.in_flight.get() + 1);
     Ok(())
 }
 
@@ -229,10 +243,9 @@ unsafe extern "C" fn run_in_thread(ctx: *mut c_void, _log: *mut ngx_log_t) {
     // SAFETY: `ctx` is the handle; until the completion event only this thread touches its
     // call (the event loop reads `request`/`finished` only, which the thread never touches).
     let handle = unsafe { &mut *(ctx as *mut CallHandle) };
-    // SAFETY: the provider's configuration outlives the worker's calls.
-    let provider = unsafe { &*handle.provider };
+    let runtime = &handle.runtime;
     let Some(call) = handle.call.as_mut() else { return };
-    let ran = catch_unwind(AssertUnwindSafe(|| run(provider, call)));
+    let ran = catch_unwind(AssertUnwindSafe(|| run(runtime, call)));
     if let Err(panic) = ran {
         let msg = panic
             .downcast_ref::<&str>()
@@ -243,23 +256,14 @@ unsafe extern "C" fn run_in_thread(ctx: *mut c_void, _log: *mut ngx_log_t) {
     }
 }
 
-fn run(provider: &Provider, call: &mut Call) {
+fn run(runtime: &ProviderRuntime, call: &mut Call) {
     let now = unix_now();
     match call {
         Call::Discovery { result, .. } => {
-            let fetched = provider.cache.discovery(&provider.client, &provider.settings, now);
-            *result = Some(fetched.map(drop));
+            *result = Some(runtime.fetch_discovery(now).map(drop));
         }
         Call::Login { login, code, max_lifetime, result, .. } => {
-            let record = complete_login(
-                &provider.settings,
-                &provider.cache,
-                &provider.client,
-                login,
-                code,
-                *max_lifetime,
-                now,
-            );
+            let record = runtime.complete_login(login, code, *max_lifetime, now);
             *result = Some(record.map(Box::new));
         }
     }
@@ -276,25 +280,27 @@ fn unix_now() -> i64 {
 unsafe extern "C" fn completed(ev: *mut ngx_event_t) {
     // SAFETY: the event's data is the handle posted in `post`.
     let handle = unsafe { (*ev).data as *mut CallHandle };
-    // SAFETY: the handle is live until both sides are done with it.
-    let h = unsafe { &mut *handle };
-    // SAFETY: the provider's configuration outlives the worker's calls.
-    let provider = unsafe { &*h.provider };
-    if h.posted {
-        h.posted = false;
-        provider.calls.in_flight.set(provider.calls.in_flight.get().saturating_sub(1));
-    }
-    let was_discovery = matches!(h.call, Some(Call::Discovery { .. }));
+    let (state, was_discovery) = {
+        // SAFETY: the handle is live until both sides are done with it.
+        let h = unsafe { &mut *handle };
+        // SAFETY: the state lives in the configuration as long as the worker.
+        let state = unsafe { &*h.state };
+        if h.posted {
+            h.posted = false;
+            state.in_flight.set(state.in_flight.get().saturating_sub(1));
+        }
+        (state, matches!(h.call, Some(Call::Discovery { .. })))
+    };
     // SAFETY: `handle` is live; `finish` may free it.
     unsafe { finish(handle) };
     if was_discovery {
-        wake_waiters(provider);
+        wake_waiters(state);
     }
 }
 
 /// Wakes every request waiting for the provider's discovery fetch.
-fn wake_waiters(provider: &Provider) {
-    let waiters = provider.calls.discovery_waiters.borrow_mut().take().unwrap_or_default();
+fn wake_waiters(state: &CallState) {
+    let waiters = state.discovery_waiters.borrow_mut().take().unwrap_or_default();
     for handle in waiters {
         // SAFETY: waiters stay allocated until woken (see `request_gone`).
         unsafe { finish(handle) };
