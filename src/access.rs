@@ -9,10 +9,8 @@ use core::ptr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use authentik_core::config::Mode;
-use authentik_core::cookie;
 use authentik_core::paths::UnauthPaths;
 use authentik_core::request::{is_navigation, query_arg};
-use authentik_core::session::{SessionId, SessionView};
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
     ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_DECLINED, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
@@ -25,6 +23,7 @@ use crate::conf::LocationConf;
 use crate::log::action;
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
+use crate::session::{find_first_session, session_cookies};
 use crate::{ctx, headers, http, login, request_log, router, HttpAuthentikModule};
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
@@ -53,10 +52,6 @@ unsafe extern "C" fn access_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             INTERNAL_ERROR
         }
     }
-}
-
-pub fn now() -> i64 {
-    nginx_sys::ngx_time() as i64
 }
 
 fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
@@ -173,44 +168,6 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     }
     let return_to = login::return_url(r, provider);
     login::start(r, provider, return_to, stale_cookie)
-}
-
-/// Every value of the provider's session cookie in the request, in order (usually one).
-pub fn session_cookies<'a>(r: &ngx_http_request_t, provider: &Provider) -> Vec<&'a [u8]> {
-    let name = provider.cookie_name.as_bytes();
-    let mut found = Vec::new();
-    for header in http::request_headers(r, b"cookie") {
-        found.extend(cookie::find_cookies(header, name));
-    }
-    found
-}
-
-/// The first of `cookies` that names a live session of this provider.
-pub fn find_first_session(
-    r: &ngx_http_request_t,
-    provider: &Provider,
-    cookies: &[&[u8]],
-) -> Option<SessionView<'static>> {
-    cookies.iter().find_map(|value| {
-        let id = SessionId::from_cookie_value(value)?;
-        SessionView::parse(session_bytes(r, provider, &id)?)
-    })
-}
-
-/// The session's encoded record, copied from the zone into the request pool. `'static` stands
-/// for "as long as the request": the bytes are freed with the request pool.
-pub fn session_bytes(
-    r: &ngx_http_request_t,
-    provider: &Provider,
-    id: &SessionId,
-) -> Option<&'static [u8]> {
-    let pool = r.pool;
-    provider.zone().lookup(id, provider.key, now(), |len| {
-        // SAFETY: allocates from the request pool; nginx frees it with the request.
-        let p = unsafe { nginx_sys::ngx_pnalloc(pool, len.max(1)) } as *mut u8;
-        // SAFETY: `p` has room for `len` bytes and is exclusively ours.
-        (!p.is_null()).then(|| unsafe { core::slice::from_raw_parts_mut(p, len) })
-    })
 }
 
 /// Whether the request may pass without a session: the unauthenticated-path patterns must

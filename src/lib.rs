@@ -9,6 +9,7 @@
 // - `router`: the `/outpost.goauthentik.io/*` endpoints;
 // - `login`: the login round trip (start, callback, new session, sign-out);
 // - `call`: calls to the identity provider on nginx's thread pool;
+// - `session`: the request's session cookie and its lookup in the zone;
 // - `ctx`: the request context between passes through the access phase;
 // - `response`: redirects, pages and cookies the module sends itself;
 // - `http`: helpers over nginx's header lists;
@@ -37,6 +38,7 @@ mod login;
 mod provider;
 mod response;
 mod router;
+mod session;
 mod variables;
 mod zone;
 

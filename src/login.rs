@@ -15,11 +15,11 @@ use nginx_sys::{
 };
 use ngx::http::HttpModuleMainConf;
 
-use crate::access::{find_first_session, now, session_cookies};
 use crate::call::{self, AfterDiscovery, Call, CallError};
 use crate::log::action;
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
+use crate::session::{find_first_session, now, session_cookies};
 use crate::zone::{Eviction, ZoneError};
 use crate::{ctx, http, request_log, HttpAuthentikModule};
 

@@ -6,7 +6,7 @@ use authentik_core::request::{decode_query_value, query_arg};
 use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_HTTP_NOT_FOUND, NGX_HTTP_NO_CONTENT};
 
 use crate::provider::Provider;
-use crate::{access, http, login, response};
+use crate::{http, login, response, session};
 
 pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]) -> ngx_int_t {
     match endpoint {
@@ -21,7 +21,7 @@ pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]
                     validate_return_to(&rd, settings.mode, &origin, domain)
                 })
                 .unwrap_or_else(|| response::home_url(r, provider));
-            let stale = !access::session_cookies(r, provider).is_empty();
+            let stale = !session::session_cookies(r, provider).is_empty();
             login::start(r, provider, return_to, stale)
         }
         b"callback" => login::callback(r, provider),
@@ -42,10 +42,10 @@ pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]
 fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
     use authentik_core::session::{SessionId, SessionRecord};
 
-    let Some(record) = access::session_cookies(r, provider)
+    let Some(record) = session::session_cookies(r, provider)
         .first()
         .and_then(|v| SessionId::from_cookie_value(v))
-        .and_then(|id| access::session_bytes(r, provider, &id))
+        .and_then(|id| session::session_bytes(r, provider, &id))
         .and_then(|bytes| SessionRecord::decode(bytes).ok())
     else {
         return nginx_sys::NGX_HTTP_UNAUTHORIZED as ngx_int_t;
@@ -56,7 +56,7 @@ fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
     let zone = provider.zone();
     let mut evicted = 0;
     for _ in 0..n {
-        if let Ok(e) = zone.insert(&SessionId::generate(), provider.key, &record, access::now()) {
+        if let Ok(e) = zone.insert(&SessionId::generate(), provider.key, &record, session::now()) {
             evicted += e.evicted;
         }
     }

@@ -274,3 +274,24 @@ def test_example_configs_pass_nginx_t(nginx, example):
     broken.write_text(text)
     rc, out = nginx.test_config(nginx.wrap(f"include {broken};"))
     assert rc != 0 and f"{broken}:{line_of(text, 'auth_authentk ')}" in out, out
+
+
+# The provider block is parsed through a command table like nginx's: argument counts,
+# duplicates and unknown names fail `nginx -t` at the directive's own line.
+@pytest.mark.parametrize("line,message", [
+    ("issuer http://127.0.0.1:9/other/;", '"issuer" directive is duplicate'),
+    ("client_id a b;", 'invalid number of arguments in "client_id" directive'),
+    ("scopes;", 'invalid number of arguments in "scopes" directive'),
+    ("frobnicate yes;", 'unknown directive "frobnicate"'),
+    ("client_secret again;", '"client_secret" directive is duplicate'),
+    ("timeout soon;", 'invalid timeout "soon"'),
+    ("max_pending_calls 0;", 'invalid max_pending_calls "0"'),
+    ("trusted_audiences;", 'invalid number of arguments in "trusted_audiences" directive'),
+    ("login_timeout never;", 'invalid login_timeout "never"'),
+])
+def test_provider_block_command_table(nginx, line, message):
+    nginx.check_target()
+    text = nginx.wrap(base(provider_extra=line))
+    rc, out = nginx.test_config(text)
+    assert_emerg_at(nginx, rc, out, line_of(text, line), line)
+    assert message in out, out

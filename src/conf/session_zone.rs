@@ -1,0 +1,92 @@
+//! `authentik_session_zone zone=NAME:SIZE [timeout=TIME] [max_record=SIZE]`.
+
+use core::ffi::{c_char, c_void};
+
+use nginx_sys::{ngx_command_t, ngx_conf_t, ngx_parse_size, ngx_parse_time, ngx_str_t, NGX_ERROR};
+
+use super::{arg_str, args, conf_error, conf_guard, main_conf, ConfError, CONF_OK};
+use crate::zone::SessionZone;
+
+/// Default of `max_record=`: the largest session record stored.
+const DEFAULT_MAX_RECORD: usize = 16 * 1024;
+
+pub unsafe extern "C" fn cmd_add_session_zone(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    conf_guard(|| {
+        // SAFETY: nginx passes a valid configuration context.
+        let cf = unsafe { &mut *cf };
+        let mut name = None;
+        let mut size = 0usize;
+        let mut timeout: i64 = 24 * 3600;
+        let mut max_record = None;
+
+        for arg in &args(cf)[1..] {
+            let Ok(value) = arg_str(arg) else {
+                return emerg!(cf, "invalid parameter \"{}\"", arg);
+            };
+            if let Some(zone) = value.strip_prefix("zone=") {
+                let Some((zname, zsize)) = zone.rsplit_once(':') else {
+                    return emerg!(cf, "invalid zone size in \"{}\"", value);
+                };
+                let mut s = ngx_str_t { len: zsize.len(), data: zsize.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let parsed = unsafe { ngx_parse_size(&mut s) };
+                if zname.is_empty() || parsed <= 0 {
+                    return emerg!(cf, "invalid zone size in \"{}\"", value);
+                }
+                name = Some(zname.to_string());
+                size = parsed as usize;
+            } else if let Some(m) = value.strip_prefix("max_record=") {
+                let mut s = ngx_str_t { len: m.len(), data: m.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let parsed = unsafe { ngx_parse_size(&mut s) };
+                if parsed < 1024 {
+                    return emerg!(cf, "invalid max_record \"{}\", minimum is 1k", m);
+                }
+                max_record = Some(parsed as usize);
+            } else if let Some(t) = value.strip_prefix("timeout=") {
+                let mut s = ngx_str_t { len: t.len(), data: t.as_ptr() as *mut u8 };
+                // SAFETY: `s` points at a live string.
+                let parsed = unsafe { ngx_parse_time(&mut s, 1) };
+                if parsed == NGX_ERROR as isize || parsed <= 0 {
+                    return emerg!(cf, "invalid timeout \"{}\"", t);
+                }
+                timeout = parsed as i64;
+            } else {
+                return emerg!(cf, "invalid parameter \"{}\"", value);
+            }
+        }
+
+        let Some(name) = name else {
+            return emerg!(cf, "\"zone\" parameter is required");
+        };
+        // SAFETY: ngx_pagesize is set at startup.
+        let min = 8 * unsafe { nginx_sys::ngx_pagesize };
+        if size < min {
+            return emerg!(cf, "zone \"{}\" is too small, minimum is {}k", name, min / 1024);
+        }
+        let max_record = max_record.unwrap_or(DEFAULT_MAX_RECORD.min(size / 8));
+        if max_record > size / 8 {
+            return emerg!(
+                cf,
+                "max_record={}k is too large for zone \"{}\", maximum is an eighth of the zone",
+                max_record / 1024,
+                name
+            );
+        }
+        let mcf = main_conf(cf);
+        if mcf.zones.iter().any(|z| z.name == name) {
+            return emerg!(cf, "duplicate zone \"{}\"", name);
+        }
+        match SessionZone::add(cf, name, size, timeout, max_record) {
+            Ok(zone) => {
+                mcf.zones.push(zone);
+                CONF_OK
+            }
+            Err(ConfError) => conf_error(),
+        }
+    })
+}
