@@ -6,11 +6,15 @@ pub mod discovery;
 pub mod flow;
 pub mod jwt;
 pub mod login;
+pub mod metadata;
 
 pub use client::{ProviderClient, ProviderError};
 pub use discovery::{Discovery, Jwks};
-pub use flow::{complete_login, LoginError, MetadataCache};
+pub use flow::{complete_login, LoginError};
 pub use login::{authorize_url, PendingLogin};
+pub use metadata::MetadataCache;
 
 #[cfg(test)]
 pub(crate) mod test_server;
+#[cfg(test)]
+pub(crate) mod test_support;
