@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::ProviderSettings;
 use crate::oidc::{complete_login, Discovery, LoginError, MetadataCache, PendingLogin};
-use crate::oidc::{ProviderClient, ProviderError};
+use crate::oidc::{ProviderClient, ProviderContext, ProviderError};
 use crate::paths::UnauthPaths;
 use crate::session::SessionRecord;
 use crate::UnixTime;
@@ -32,6 +32,11 @@ impl ProviderRuntime {
         Ok(ProviderRuntime { settings, client, cache: MetadataCache::default(), unauth })
     }
 
+    /// Its settings, client and cache, borrowed together for the provider calls of a login.
+    pub fn context(&self) -> ProviderContext<'_> {
+        ProviderContext { settings: &self.settings, client: &self.client, cache: &self.cache }
+    }
+
     /// Makes sure a discovery document is cached (blocking; thread pool only).
     pub fn fetch_discovery(&self, now: UnixTime) -> Result<Arc<Discovery>, ProviderError> {
         self.cache.discovery(&self.client, &self.settings, now)
@@ -45,6 +50,6 @@ impl ProviderRuntime {
         max_lifetime: i64,
         now: UnixTime,
     ) -> Result<SessionRecord, LoginError> {
-        complete_login(&self.settings, &self.cache, &self.client, login, code, max_lifetime, now)
+        complete_login(self.context(), login, code, max_lifetime, now)
     }
 }

@@ -20,6 +20,16 @@ use crate::UnixTime;
 /// timeouts (`timeout`), all together.
 pub const LOGIN_TIMEOUTS: u32 = 2;
 
+/// One provider's settings, HTTP client and metadata cache, borrowed together: what a login
+/// talks to the provider with. [`crate::provider::ProviderRuntime::context`] lends its own.
+#[derive(Debug, Clone, Copy)]
+pub struct ProviderContext<'a> {
+    pub settings: &'a ProviderSettings,
+    pub client: &'a ProviderClient,
+    /// Discovery and JWKS, per worker.
+    pub cache: &'a MetadataCache,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
     #[error(transparent)]
@@ -42,23 +52,24 @@ pub enum LoginError {
 /// `LOGIN_TIMEOUTS` timeouts from the start: a provider that answers each call slowly cannot
 /// hold the login (and its thread) longer.
 pub fn complete_login(
-    settings: &ProviderSettings,
-    cache: &MetadataCache,
-    client: &ProviderClient,
+    provider: ProviderContext<'_>,
     login: &PendingLogin,
     code: &str,
     max_lifetime: i64,
     now: UnixTime,
 ) -> Result<SessionRecord, LoginError> {
-    let budget = client.timeout().saturating_mul(LOGIN_TIMEOUTS);
-    let client = &match Instant::now().checked_add(budget) {
-        Some(deadline) => client.with_deadline(deadline),
-        None => client.clone(),
+    let budget = provider.client.timeout().saturating_mul(LOGIN_TIMEOUTS);
+    let deadline_client = match Instant::now().checked_add(budget) {
+        Some(deadline) => provider.client.with_deadline(deadline),
+        None => provider.client.clone(),
     };
+    // Every call of the login, the JWKS fetch in `validated_claims` too, has that deadline.
+    let provider = ProviderContext { client: &deadline_client, ..provider };
+    let ProviderContext { settings, client, cache } = provider;
     let discovery = cache.discovery(client, settings, now)?;
     let tokens =
         client.exchange_code(settings, &discovery, code, &login.verifier, &login.redirect_uri)?;
-    let id_claims = validated_claims(settings, cache, client, &discovery, login, &tokens, now)?;
+    let id_claims = validated_claims(provider, &discovery, login, &tokens, now)?;
     let mut claims = id_claims.clone();
     if let Some(endpoint) = discovery.userinfo_endpoint.as_deref() {
         let userinfo = client.userinfo(endpoint, &tokens.access_token)?;
@@ -83,14 +94,13 @@ pub fn complete_login(
 /// The id_token's claims after full validation, with the JWKS from the cache when the token is
 /// signed with a provider key.
 fn validated_claims(
-    settings: &ProviderSettings,
-    cache: &MetadataCache,
-    client: &ProviderClient,
+    provider: ProviderContext<'_>,
     discovery: &Discovery,
     login: &PendingLogin,
     tokens: &TokenResponse,
     now: UnixTime,
 ) -> Result<Map<String, Value>, LoginError> {
+    let ProviderContext { settings, client, cache } = provider;
     let (kid, alg) = peek_header(&tokens.id_token)?;
     let jwks = match alg.as_str() {
         "RS256" | "ES256" => cache.jwks(client, discovery, kid.as_deref(), now)?,
@@ -137,7 +147,7 @@ mod tests {
     use crate::oidc::test_server::{Reply, TestServer};
     use crate::oidc::test_support::{
         discovery_json, hs256_provider, id_claims, jwks_fetches, jwks_provider, login, paths,
-        provider, settings, NOW,
+        provider, settings, RelyingParty, NOW,
     };
 
     const MAX_LIFETIME: i64 = 86_400;
@@ -148,13 +158,9 @@ mod tests {
         let userinfo = json!({"sub": "user-1", "preferred_username": "akadmin", "email": "a@example.com",
             "ak_proxy": {"user_attributes": {"additionalHeaders": {"X-Team": "blue"}}}});
         let server = hs256_provider(login.nonce.clone(), userinfo, Some(300));
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
+        let rp = RelyingParty::new(settings(&server));
 
-        let record =
-            complete_login(&settings, &cache, &client, &login, "code-1", MAX_LIFETIME, NOW)
-                .unwrap();
+        let record = complete_login(rp.context(), &login, "code-1", MAX_LIFETIME, NOW).unwrap();
 
         assert_eq!(record.sub, "user-1");
         assert_eq!(record.sid.as_deref(), Some("session-7"));
@@ -181,7 +187,7 @@ mod tests {
         assert!(form.contains(&("code".into(), "code-1".into())));
         assert!(form.contains(&("code_verifier".into(), login.verifier.clone())));
         assert!(form.contains(&("redirect_uri".into(), login.redirect_uri.clone())));
-        assert!(cache.fresh_discovery(NOW).is_some());
+        assert!(rp.cache.fresh_discovery(NOW).is_some());
     }
 
     /// rp-userinfo-bad-sub-claim.
@@ -189,29 +195,12 @@ mod tests {
     fn userinfo_subject_must_match() {
         let login = login();
         let server = hs256_provider(login.nonce.clone(), json!({"sub": "someone-else"}), None);
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let result = complete_login(
-            &settings,
-            &MetadataCache::default(),
-            &client,
-            &login,
-            "c",
-            MAX_LIFETIME,
-            NOW,
-        );
+        let rp = RelyingParty::new(settings(&server));
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(matches!(result, Err(LoginError::UserinfoSubject)), "{result:?}");
         let server = hs256_provider(login.nonce.clone(), json!({"name": "no sub"}), None);
-        let settings = self::settings(&server);
-        let result = complete_login(
-            &settings,
-            &MetadataCache::default(),
-            &client,
-            &login,
-            "c",
-            MAX_LIFETIME,
-            NOW,
-        );
+        let rp = RelyingParty::new(settings(&server));
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(matches!(result, Err(LoginError::UserinfoSubject)), "{result:?}");
     }
 
@@ -219,13 +208,10 @@ mod tests {
     fn expiry_comes_from_exp_without_expires_in_and_is_capped() {
         let login = login();
         let server = hs256_provider(login.nonce.clone(), json!({"sub": "user-1"}), None);
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
-        let record =
-            complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW).unwrap();
+        let rp = RelyingParty::new(settings(&server));
+        let record = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW).unwrap();
         assert_eq!(record.expires_at, NOW + 600);
-        let record = complete_login(&settings, &cache, &client, &login, "c", 60, NOW).unwrap();
+        let record = complete_login(rp.context(), &login, "c", 60, NOW).unwrap();
         assert_eq!(record.expires_at, NOW + 60);
     }
 
@@ -234,17 +220,8 @@ mod tests {
     fn wrong_nonce_fails_the_login() {
         let login = login();
         let server = hs256_provider("another-nonce".into(), json!({"sub": "user-1"}), None);
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let result = complete_login(
-            &settings,
-            &MetadataCache::default(),
-            &client,
-            &login,
-            "c",
-            MAX_LIFETIME,
-            NOW,
-        );
+        let rp = RelyingParty::new(settings(&server));
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(matches!(result, Err(LoginError::Token(TokenError::Nonce))), "{result:?}");
         assert_eq!(result.unwrap_err().to_string(), "id_token nonce does not match");
     }
@@ -258,12 +235,9 @@ mod tests {
             json!({"sub": "user-1"}),
             Some(300),
         );
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
+        let rp = RelyingParty::new(settings(&server));
         for _ in 0..2 {
-            let record =
-                complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW).unwrap();
+            let record = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW).unwrap();
             assert_eq!(record.identity.username(), "from-id-token");
         }
         let jwks_fetches = paths(&server).iter().filter(|p| *p == "/jwks/").count();
@@ -280,27 +254,18 @@ mod tests {
             json!({"sub": "user-1"}),
             None,
         );
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
+        let rp = RelyingParty::new(settings(&server));
         let jwks_fetches = || paths(&server).iter().filter(|p| *p == "/jwks/").count();
-        let result = complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW);
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(
             matches!(result, Err(LoginError::Token(TokenError::UnknownKey(ref k))) if k == "rotated-kid"),
             "{result:?}"
         );
         assert_eq!(jwks_fetches(), 1);
-        let _ = complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW + 10);
+        let _ = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW + 10);
         assert_eq!(jwks_fetches(), 1);
-        let _ = complete_login(
-            &settings,
-            &cache,
-            &client,
-            &login,
-            "c",
-            MAX_LIFETIME,
-            NOW + JWKS_REFETCH_INTERVAL,
-        );
+        let _ =
+            complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW + JWKS_REFETCH_INTERVAL);
         assert_eq!(jwks_fetches(), 2);
     }
 
@@ -325,18 +290,15 @@ mod tests {
                 true => sign(&id_claims(base, &nonce), Algorithm::ES256, Some("key-b")),
             },
         );
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
-        complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW).unwrap();
+        let rp = RelyingParty::new(settings(&server));
+        complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW).unwrap();
         assert_eq!(jwks_fetches(&server), 1);
         rotated.store(true, Ordering::SeqCst);
-        let record =
-            complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW + 1).unwrap();
+        let record = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW + 1).unwrap();
         assert_eq!(peek_header(&record.id_token).unwrap().0.as_deref(), Some("key-b"));
         assert_eq!(jwks_fetches(&server), 2);
         // Both keys are now cached.
-        complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW + 2).unwrap();
+        complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW + 2).unwrap();
         assert_eq!(jwks_fetches(&server), 2);
     }
 
@@ -363,17 +325,9 @@ mod tests {
         });
         let mut settings = settings(&server);
         settings.timeout_ms = 400;
-        let client = ProviderClient::new(&settings).unwrap();
+        let rp = RelyingParty::new(settings);
         let started = Instant::now();
-        let result = complete_login(
-            &settings,
-            &MetadataCache::default(),
-            &client,
-            &login,
-            "c",
-            MAX_LIFETIME,
-            NOW,
-        );
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         let elapsed = started.elapsed();
         assert!(
             matches!(result, Err(LoginError::Provider(ProviderError::Unreachable { ref url, ref reason }))
@@ -386,8 +340,9 @@ mod tests {
         );
         // The same provider at full speed: the login works.
         slow.store(false, Ordering::SeqCst);
-        let cache = MetadataCache::default();
-        complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW).unwrap();
+        let fresh_cache = MetadataCache::default();
+        let provider = ProviderContext { cache: &fresh_cache, ..rp.context() };
+        complete_login(provider, &login, "c", MAX_LIFETIME, NOW).unwrap();
     }
 
     #[test]
@@ -398,11 +353,9 @@ mod tests {
             || json!({"keys": [public_jwk(Algorithm::RS256, "only")]}),
             move |base| sign(&id_claims(base, &nonce), Algorithm::RS256, None),
         );
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
+        let rp = RelyingParty::new(settings(&server));
         for at in [NOW, NOW + 1] {
-            complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, at).unwrap();
+            complete_login(rp.context(), &login, "c", MAX_LIFETIME, at).unwrap();
         }
         assert_eq!(jwks_fetches(&server), 1);
     }
@@ -422,11 +375,9 @@ mod tests {
             },
             move |base| sign(&id_claims(base, &nonce), Algorithm::RS256, None),
         );
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
+        let rp = RelyingParty::new(settings(&server));
         for at in [NOW, NOW + 1] {
-            let result = complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, at);
+            let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, at);
             assert!(
                 matches!(result, Err(LoginError::Token(TokenError::UnknownKey(ref kid))) if kid.is_empty()),
                 "{result:?}"
@@ -444,10 +395,8 @@ mod tests {
             let part = |v: &Value| URL_SAFE_NO_PAD.encode(v.to_string());
             format!("{}.{}.", part(&json!({"alg": "none"})), part(&id_claims(base, &nonce)))
         });
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
-        let result = complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW);
+        let rp = RelyingParty::new(settings(&server));
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(
             matches!(result, Err(LoginError::Token(TokenError::Algorithm(ref alg))) if alg == "none"),
             "{result:?}"
@@ -466,16 +415,14 @@ mod tests {
             claims["azp"] = json!(CLIENT_ID);
             sign(&claims, Algorithm::HS256, None)
         });
-        let mut settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let cache = MetadataCache::default();
-        let result = complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW);
+        let mut rp = RelyingParty::new(settings(&server));
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(
             matches!(result, Err(LoginError::Token(TokenError::UntrustedAudience(ref aud))) if aud == "other"),
             "{result:?}"
         );
-        settings.trusted_audiences = vec!["other".into()];
-        complete_login(&settings, &cache, &client, &login, "c", MAX_LIFETIME, NOW).unwrap();
+        rp.settings.trusted_audiences = vec!["other".into()];
+        complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW).unwrap();
     }
 
     #[test]
@@ -487,17 +434,8 @@ mod tests {
             claims.as_object_mut().unwrap().remove("iat");
             sign(&claims, Algorithm::HS256, None)
         });
-        let settings = settings(&server);
-        let client = ProviderClient::new(&settings).unwrap();
-        let result = complete_login(
-            &settings,
-            &MetadataCache::default(),
-            &client,
-            &login,
-            "c",
-            MAX_LIFETIME,
-            NOW,
-        );
+        let rp = RelyingParty::new(settings(&server));
+        let result = complete_login(rp.context(), &login, "c", MAX_LIFETIME, NOW);
         assert!(matches!(result, Err(LoginError::Token(TokenError::NoIssuedAt))), "{result:?}");
     }
 }

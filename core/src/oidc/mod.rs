@@ -10,7 +10,7 @@ pub mod metadata;
 
 pub use client::{ProviderClient, ProviderError};
 pub use discovery::{Discovery, Jwks};
-pub use flow::{complete_login, LoginError};
+pub use flow::{complete_login, LoginError, ProviderContext};
 pub use login::{authorize_url, PendingLogin};
 pub use metadata::MetadataCache;
 

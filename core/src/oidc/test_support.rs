@@ -5,9 +5,12 @@
 use jsonwebtoken::Algorithm;
 use serde_json::{json, Value};
 
+use super::client::ProviderClient;
 use super::discovery::Discovery;
+use super::flow::ProviderContext;
 use super::jwt::tests::{jwks_json, sign, CLIENT_ID, SECRET};
 use super::login::PendingLogin;
+use super::metadata::MetadataCache;
 use super::test_server::{Reply, Request, TestServer};
 use crate::config::{parse_http_url, Mode, ProviderSettings};
 
@@ -29,6 +32,24 @@ pub(crate) fn settings(server: &TestServer) -> ProviderSettings {
         ca_file: None,
         post_logout_redirect: None,
         trusted_audiences: Vec::new(),
+    }
+}
+
+/// What a worker holds for one provider, owned: settings, the client built from them, a cache.
+pub(crate) struct RelyingParty {
+    pub settings: ProviderSettings,
+    pub client: ProviderClient,
+    pub cache: MetadataCache,
+}
+
+impl RelyingParty {
+    /// With an empty cache.
+    pub(crate) fn new(settings: ProviderSettings) -> RelyingParty {
+        let client = ProviderClient::new(&settings).unwrap();
+        RelyingParty { settings, client, cache: MetadataCache::default() }
+    }
+    pub(crate) fn context(&self) -> ProviderContext<'_> {
+        ProviderContext { settings: &self.settings, client: &self.client, cache: &self.cache }
     }
 }
 
