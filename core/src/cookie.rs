@@ -80,18 +80,10 @@ pub fn stale_cookie_domains<'a>(host: &'a str, own_domain: Option<&'a str>) -> V
     domains
 }
 
-/// The `Cookie` header value with every cookie named `name` removed. `None` when nothing was
-/// removed; `Some(vec![])` when nothing is left.
-pub fn remove_cookie(header: &[u8], name: &[u8]) -> Option<Vec<u8>> {
-    let mut kept = vec![0u8; 2 * header.len()];
-    let len = remove_cookie_into(header, name, &mut kept)?;
-    kept.truncate(len);
-    Some(kept)
-}
-
-/// Like [`remove_cookie`], writing into `out` (which must hold `2 * header.len()` bytes: kept
-/// cookies are re-joined with `"; "`); returns the length written. For callers that allocate
-/// from their own pool.
+/// Writes the `Cookie` header value with every cookie named `name` removed into `out` (which
+/// must hold `2 * header.len()` bytes: kept cookies are re-joined with `"; "`) and returns the
+/// length written: `None` when nothing was removed (or `out` is too small), `Some(0)` when
+/// nothing is left. For callers that allocate from their own pool.
 pub fn remove_cookie_into(header: &[u8], name: &[u8], out: &mut [u8]) -> Option<usize> {
     if out.len() < 2 * header.len() {
         return None;
@@ -226,8 +218,16 @@ mod tests {
         assert_eq!(find_cookie(b"\ta=1\t", b"a"), Some(&b"1"[..]));
     }
 
+    /// [`remove_cookie_into`] with a buffer of the documented size; the bytes written.
+    fn remove_cookie(header: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+        let mut kept = vec![0u8; 2 * header.len()];
+        let len = remove_cookie_into(header, name, &mut kept)?;
+        kept.truncate(len);
+        Some(kept)
+    }
+
     #[test]
-    fn remove_cookie_removes_every_occurrence() {
+    fn remove_cookie_into_removes_every_occurrence() {
         assert_eq!(remove_cookie(b"a=1; s=2; b=3; s=4", b"s"), Some(b"a=1; b=3".to_vec()));
         assert_eq!(remove_cookie(b"s=2", b"s"), Some(Vec::new()));
         assert_eq!(remove_cookie(b"a=1; b=2", b"s"), None);

@@ -59,9 +59,6 @@ impl PendingLogin {
     pub fn code_challenge(&self) -> String {
         URL_SAFE_NO_PAD.encode(Sha256::digest(self.verifier.as_bytes()))
     }
-    pub fn is_expired(&self, now: UnixTime) -> bool {
-        now >= self.created_at.saturating_add(LOGIN_TTL)
-    }
     /// Constant-time comparison of the login cookie value with `binding`.
     pub fn binding_matches(&self, cookie_value: &[u8]) -> bool {
         !self.binding.is_empty() && bool::from(self.binding.as_bytes().ct_eq(cookie_value))
@@ -226,16 +223,6 @@ mod tests {
         let mut l = login();
         l.verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk".into();
         assert_eq!(l.code_challenge(), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
-    }
-
-    #[test]
-    fn expiry_after_ttl() {
-        let l = login();
-        assert!(!l.is_expired(1_000));
-        assert!(!l.is_expired(1_000 + LOGIN_TTL - 1));
-        assert!(l.is_expired(1_000 + LOGIN_TTL));
-        let far = PendingLogin { created_at: i64::MAX, ..login() };
-        assert!(!far.is_expired(0));
     }
 
     #[test]

@@ -54,13 +54,6 @@ impl MetadataCache {
         let (error, at) = state.discovery_failed.as_ref()?;
         within(*at, now, FETCH_RETRY_AFTER).then(|| error.to_string())
     }
-    /// `true` when [`Self::discovery`] would fetch: no fresh document and no fetch failed in the
-    /// last `FETCH_RETRY_AFTER` seconds (with a stale document and a recent failure it is
-    /// `false`: the stale document is the answer). No I/O; for the event loop, which starts at
-    /// most one fetch per worker when this is `true`.
-    pub fn needs_discovery_fetch(&self, now: UnixTime) -> bool {
-        self.cached_discovery(now).is_none()
-    }
     /// What [`Self::discovery`] answers without fetching: the fresh document; within
     /// `FETCH_RETRY_AFTER` of a failed fetch, the stale document or else that failure; `None`
     /// when a fetch is needed. No I/O.
@@ -451,7 +444,6 @@ mod tests {
         let settings = settings(&server);
         let client = ProviderClient::new(&settings).unwrap();
         let cache = MetadataCache::default();
-        assert!(cache.needs_discovery_fetch(NOW));
         assert_eq!(cache.discovery_failure(NOW), None);
         assert!(cache.cached_discovery(NOW).is_none());
 
@@ -459,7 +451,6 @@ mod tests {
         assert!(matches!(error, ProviderError::Status { status: 503, .. }), "{error}");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         for at in [NOW, NOW + FETCH_RETRY_AFTER - 1] {
-            assert!(!cache.needs_discovery_fetch(at));
             assert_eq!(cache.discovery_failure(at), Some(error.to_string()));
             assert!(matches!(cache.cached_discovery(at), Some(Err(ProviderError::Status { .. }))));
             // No I/O inside the window: the remembered error, as it was.
@@ -468,10 +459,10 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // A clock that went back does not stretch the window.
-        assert!(cache.needs_discovery_fetch(NOW - 10));
+        assert!(cache.cached_discovery(NOW - 10).is_none());
 
         let retry = NOW + FETCH_RETRY_AFTER;
-        assert!(cache.needs_discovery_fetch(retry));
+        assert!(cache.cached_discovery(retry).is_none());
         assert_eq!(cache.discovery_failure(retry), None);
         assert!(cache.discovery(&client, &settings, retry).is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -480,7 +471,6 @@ mod tests {
         let fetched = cache.discovery(&client, &settings, later).unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(cache.discovery_failure(later), None);
-        assert!(!cache.needs_discovery_fetch(later));
         assert!(
             matches!(cache.cached_discovery(later), Some(Ok(ref d)) if Arc::ptr_eq(d, &fetched))
         );
@@ -502,10 +492,9 @@ mod tests {
         let cache = MetadataCache::default();
         let first = cache.discovery(&client, &settings, NOW).unwrap();
         let stale = NOW + DISCOVERY_TTL;
-        assert!(cache.needs_discovery_fetch(stale));
+        assert!(cache.cached_discovery(stale).is_none());
         assert!(Arc::ptr_eq(&cache.discovery(&client, &settings, stale).unwrap(), &first));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
-        assert!(!cache.needs_discovery_fetch(stale + 1));
         assert!(cache.discovery_failure(stale + 1).unwrap().contains("answered 503"));
         assert!(
             matches!(cache.cached_discovery(stale + 1), Some(Ok(ref d)) if Arc::ptr_eq(d, &first))
