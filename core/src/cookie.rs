@@ -1,5 +1,7 @@
 //! Cookie names, lookup in `Cookie` headers, and `Set-Cookie` values.
 
+use cookie::time::{Duration, OffsetDateTime};
+use cookie::{Cookie, SameSite};
 use sha2::{Digest, Sha256};
 
 /// `authentik_proxy_` + first 8 hex of sha256(client_id): authentik's session cookie name.
@@ -19,6 +21,11 @@ pub fn login_cookie_name(session_cookie_name: &str, state: &str) -> String {
     let state_prefix: String = state.chars().take(12).collect();
     format!("{session_cookie_name}_login_{state_prefix}")
 }
+
+// The request side (`cookie_pairs` and its users) stays hand-written rather than using the
+// `cookie` crate: it runs for every `Cookie` header of every request, works on raw bytes (a
+// header need not be UTF-8), returns sub-slices of the header without allocating, and
+// `remove_cookie_into` writes into a buffer the glue takes from the request's pool.
 
 /// The `name=value` pairs of a `Cookie` header, each trimmed; pairs without `=` have an empty
 /// value. Empty pieces are skipped.
@@ -113,40 +120,35 @@ pub struct CookieAttributes<'a> {
     pub secure: bool,
 }
 
-/// `name=value; Path=..; [Domain=..;] Max-Age=N; HttpOnly; [Secure;] SameSite=Lax`.
-/// `max_age` is clamped to >= 0.
+/// `name=value` with `Path`, `Domain` (when set), `Max-Age=N`, `HttpOnly`, `Secure` (when set)
+/// and `SameSite=Lax`, in the `cookie` crate's attribute order. `max_age` is clamped to >= 0.
 pub fn set_cookie(name: &str, value: &str, max_age: i64, attrs: &CookieAttributes<'_>) -> String {
-    let max_age = max_age.max(0);
-    let mut cookie = format!("{name}={value}; Path={}", attrs.path);
-    push_domain(&mut cookie, attrs);
-    cookie.push_str(&format!("; Max-Age={max_age}"));
-    push_flags(&mut cookie, attrs);
-    cookie
+    let mut cookie = module_cookie(name, value, attrs);
+    cookie.set_max_age(Duration::seconds(max_age.max(0)));
+    cookie.to_string()
 }
 
 /// A `Set-Cookie` that deletes the cookie: empty value, `Max-Age=0` and an `Expires` in 1970,
 /// with the same Path/Domain so the browser matches it.
 pub fn expire_cookie(name: &str, attrs: &CookieAttributes<'_>) -> String {
-    let mut cookie = format!("{name}=; Path={}", attrs.path);
-    push_domain(&mut cookie, attrs);
-    cookie.push_str("; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
-    push_flags(&mut cookie, attrs);
-    cookie
+    let mut cookie = module_cookie(name, "", attrs);
+    cookie.set_max_age(Duration::ZERO);
+    cookie.set_expires(OffsetDateTime::UNIX_EPOCH);
+    cookie.to_string()
 }
 
-fn push_domain(cookie: &mut String, attrs: &CookieAttributes<'_>) {
+/// A cookie with the attributes every cookie the module sets has. The crate writes `Domain`
+/// without a leading dot, which browsers ignore anyway (RFC 6265 5.2.3).
+fn module_cookie<'c>(name: &'c str, value: &'c str, attrs: &CookieAttributes<'c>) -> Cookie<'c> {
+    let mut cookie = Cookie::new(name, value);
+    cookie.set_path(attrs.path);
     if let Some(domain) = attrs.domain {
-        cookie.push_str("; Domain=");
-        cookie.push_str(domain);
+        cookie.set_domain(domain);
     }
-}
-
-fn push_flags(cookie: &mut String, attrs: &CookieAttributes<'_>) {
-    cookie.push_str("; HttpOnly");
-    if attrs.secure {
-        cookie.push_str("; Secure");
-    }
-    cookie.push_str("; SameSite=Lax");
+    cookie.set_http_only(true);
+    cookie.set_secure(attrs.secure);
+    cookie.set_same_site(SameSite::Lax);
+    cookie
 }
 
 #[cfg(test)]
@@ -235,17 +237,29 @@ mod tests {
         assert_eq!(remove_cookie(b"  s=1 ;a=2", b"s"), Some(b"a=2".to_vec()));
     }
 
+    /// The `name=value` pair of a `Set-Cookie` value and its attributes, sorted: equal for two
+    /// values that differ only in attribute order.
+    fn attributes(set_cookie: &str) -> (&str, Vec<&str>) {
+        let mut parts = set_cookie.split("; ");
+        let pair = parts.next().unwrap_or_default();
+        let mut attributes: Vec<&str> = parts.collect();
+        attributes.sort_unstable();
+        (pair, attributes)
+    }
+
     #[test]
     fn set_cookie_has_every_attribute() {
         let attrs = CookieAttributes { path: "/", domain: Some("example.com"), secure: true };
         assert_eq!(
-            set_cookie("n", "v", 3600, &attrs),
-            "n=v; Path=/; Domain=example.com; Max-Age=3600; HttpOnly; Secure; SameSite=Lax"
+            attributes(&set_cookie("n", "v", 3600, &attrs)),
+            attributes(
+                "n=v; Path=/; Domain=example.com; Max-Age=3600; HttpOnly; Secure; SameSite=Lax"
+            )
         );
         let attrs = CookieAttributes { path: "/app", domain: None, secure: false };
         assert_eq!(
-            set_cookie("n", "v", -5, &attrs),
-            "n=v; Path=/app; Max-Age=0; HttpOnly; SameSite=Lax"
+            attributes(&set_cookie("n", "v", -5, &attrs)),
+            attributes("n=v; Path=/app; Max-Age=0; HttpOnly; SameSite=Lax")
         );
     }
 
@@ -253,9 +267,11 @@ mod tests {
     fn expire_cookie_matches_path_and_domain() {
         let attrs = CookieAttributes { path: "/", domain: Some("example.com"), secure: true };
         assert_eq!(
-            expire_cookie("n", &attrs),
-            "n=; Path=/; Domain=example.com; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; \
-             HttpOnly; Secure; SameSite=Lax"
+            attributes(&expire_cookie("n", &attrs)),
+            attributes(
+                "n=; Path=/; Domain=example.com; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; \
+                 HttpOnly; Secure; SameSite=Lax"
+            )
         );
     }
 }
