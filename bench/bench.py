@@ -830,7 +830,7 @@ def paired(res: dict, a: str, b: str, key: str, op, workers: int = 1) -> list[fl
 
 
 TYPICAL_TEST = "typical_authentik_session_fits_a_2k_slot"
-TYPICAL_MAX_RECORD = 2048 - 144  # what that core test asserts (zone.rs: Entry <= 144 bytes)
+TYPICAL_MAX_RECORD = 2048 - 144  # what that core test asserts (src/store/entry.rs: Entry <= 144 bytes)
 
 
 def run_typical_test() -> dict:

@@ -3,7 +3,7 @@
 // This file only wires nginx hooks to the modules that do the work:
 // - `conf`: directives, the `authentik_provider {}` block, configuration merging;
 // - `provider`: one provider at run time (shared runtime object, zone, this worker's calls);
-// - `zone`: the session store in shared memory (sessions and pending logins);
+// - `store`: the session store in shared memory (sessions and pending logins);
 // - `access`: the access-phase handler, the access decision for every request;
 // - `headers`: which client headers are removed, which identity headers are set;
 // - `router`: the `/outpost.goauthentik.io/*` endpoints;
@@ -39,8 +39,8 @@ mod provider;
 mod response;
 mod router;
 mod session;
+mod store;
 mod variables;
-mod zone;
 
 use conf::{LocationConf, MainConf};
 

@@ -20,7 +20,7 @@ use crate::log::action;
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session::{find_first_session, now, session_cookies};
-use crate::zone::{Eviction, ZoneError};
+use crate::store::{Eviction, SessionStore, ZoneError};
 use crate::{ctx, http, request_log, HttpAuthentikModule};
 
 /// Where the user should land after logging in from this request: its URL in the provider's

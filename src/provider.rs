@@ -8,7 +8,7 @@ use authentik_core::config::ProviderSettings;
 use authentik_core::provider::ProviderRuntime;
 
 use crate::call::CallState;
-use crate::zone::SessionZone;
+use crate::store::SessionZone;
 
 /// Where the outpost endpoints live (under `external_host`'s path, if any).
 pub const OUTPOST_PREFIX: &str = "/outpost.goauthentik.io/";

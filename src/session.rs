@@ -7,6 +7,7 @@ use nginx_sys::ngx_http_request_t;
 
 use crate::http;
 use crate::provider::Provider;
+use crate::store::SessionStore;
 
 /// nginx's cached clock, seconds.
 pub fn now() -> i64 {

@@ -17,6 +17,7 @@ pub mod provider;
 pub mod redirect;
 pub mod request;
 pub mod session;
+pub mod store;
 mod wire;
 
 /// Seconds since the Unix epoch. Every time-dependent function takes `now` explicitly, so tests

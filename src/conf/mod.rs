@@ -15,7 +15,7 @@ use ngx::core::NGX_CONF_ERROR;
 use ngx::http::HttpModuleMainConf;
 
 use crate::provider::Provider;
-use crate::zone::SessionZone;
+use crate::store::SessionZone;
 use crate::HttpAuthentikModule;
 
 const CONF_OK: *mut c_char = ptr::null_mut();
@@ -29,10 +29,6 @@ pub(crate) fn conf_error() -> *mut c_char {
 fn conf_guard(f: impl FnOnce() -> *mut c_char) -> *mut c_char {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| conf_error())
 }
-
-/// Internal marker for "the error was already logged".
-#[derive(Debug)]
-pub struct ConfError;
 
 /* configuration types */
 

@@ -4,8 +4,8 @@ use core::ffi::{c_char, c_void};
 
 use nginx_sys::{ngx_command_t, ngx_conf_t, ngx_parse_size, ngx_parse_time, ngx_str_t, NGX_ERROR};
 
-use super::{arg_str, args, conf_error, conf_guard, main_conf, ConfError, CONF_OK};
-use crate::zone::SessionZone;
+use super::{arg_str, args, conf_error, conf_guard, main_conf, CONF_OK};
+use crate::store::{SessionZone, SharedZoneError};
 
 /// Default of `max_record=`: the largest session record stored.
 const DEFAULT_MAX_RECORD: usize = 16 * 1024;
@@ -86,7 +86,9 @@ pub unsafe extern "C" fn cmd_add_session_zone(
                 mcf.zones.push(zone);
                 CONF_OK
             }
-            Err(ConfError) => conf_error(),
+            Err(e @ SharedZoneError::Duplicate(_)) => emerg!(cf, "{}", e),
+            // ngx_shared_memory_add() has logged why.
+            Err(SharedZoneError::NotAdded(_)) => conf_error(),
         }
     })
 }
