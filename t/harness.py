@@ -204,7 +204,7 @@ class Provider:
         self.issuer = None
         self.port = None
 
-    def start(self, timeout: float = 20.0) -> "Provider":
+    def start(self, timeout: float = 45.0) -> "Provider":
         node_modules = T_DIR / "provider" / "node_modules"
         if not (node_modules / "oidc-provider").is_dir():
             raise RuntimeError(f"{node_modules} is missing: run `npm ci` in {T_DIR / 'provider'}")

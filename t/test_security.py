@@ -1000,5 +1000,9 @@ server {{
     body = b"GET /public/smuggled-h2 HTTP/1.1\r\nHost: x\r\n\r\n" * 4000
     codes = h2_exchange(nginx.port, [("POST", target, headers, body), ("GET", "/public/after-h2", [], b"")])
     assert codes == [status, 200], codes
+    # nginx writes the access log line after the response: wait for it
+    deadline = time.monotonic() + 5
+    while "/public/after-h2" not in nginx.access_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = nginx.access_log()
     assert "smuggled-h2" not in log and "/public/after-h2" in log, log
