@@ -14,6 +14,7 @@
 // - `response`: redirects, pages and cookies the module sends itself;
 // - `http`: helpers over nginx's header lists;
 // - `log`: error_log lines in nginx's phrasing;
+// - `background`: long-lived work on a thread of worker 0 (the heartbeat), results in shared memory;
 // - `variables`: `$authentik_*` variables.
 // The protocol logic lives in the FFI-free `authentik-core` crate.
 
@@ -28,6 +29,7 @@ use nginx_sys::{
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
 mod access;
+mod background;
 mod call;
 mod conf;
 mod ctx;
@@ -141,6 +143,8 @@ pub static mut ngx_http_authentik_module: ngx_module_t = ngx_module_t {
     // SAFETY: takes the address of the static commands array; nothing is read or written here.
     commands: unsafe { ptr::addr_of_mut!(NGX_HTTP_AUTHENTIK_COMMANDS[0]) },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_process: Some(background::init_process),
+    exit_process: Some(background::exit_process),
     ..ngx_module_t::default()
 };
 

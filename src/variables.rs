@@ -1,6 +1,7 @@
 //! `$authentik_username`, `$authentik_groups`, `$authentik_entitlements`, `$authentik_email`,
 //! `$authentik_name`, `$authentik_uid`, `$authentik_jwt` and `$authentik_claim_<name>`.
 //! Empty (not found) until the access phase has authenticated the request.
+//! `$authentik_background_heartbeat`: the background heartbeat, in any phase (background.rs).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -15,6 +16,7 @@ use authentik_core::identity::IDENTITY_FIELDS;
 use crate::{ctx, http};
 
 const CLAIM_PREFIX: &str = "authentik_claim_";
+const HEARTBEAT_VARIABLE: &str = "authentik_background_heartbeat";
 
 pub fn register(cf: &mut ngx_conf_t) -> Status {
     for (index, field) in IDENTITY_FIELDS.iter().enumerate() {
@@ -24,6 +26,9 @@ pub fn register(cf: &mut ngx_conf_t) -> Status {
     }
     let flags = NGX_HTTP_VAR_NOCACHEABLE | NGX_HTTP_VAR_PREFIX;
     if !add(cf, CLAIM_PREFIX, flags, claim_variable, 0) {
+        return Status::NGX_ERROR;
+    }
+    if !add(cf, HEARTBEAT_VARIABLE, NGX_HTTP_VAR_NOCACHEABLE, heartbeat_variable, 0) {
         return Status::NGX_ERROR;
     }
     Status::NGX_OK
@@ -91,6 +96,20 @@ unsafe extern "C" fn claim_variable(
         let ctx = ctx::get(r)?;
         let value = ctx.session.as_ref()?.claim(claim)?;
         http::pool_str(r, value.as_bytes())
+    }));
+    set_value(v, value.ok().flatten());
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn heartbeat_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx passes the request and a value slot to fill.
+    let (r, v) = unsafe { (&mut *r, &mut *v) };
+    let value = catch_unwind(AssertUnwindSafe(|| {
+        http::pool_str(r, crate::background::heartbeat_value()?.as_bytes())
     }));
     set_value(v, value.ok().flatten());
     NGX_OK as ngx_int_t

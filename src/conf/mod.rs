@@ -239,6 +239,10 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
                 );
             }
         }
+        // Background work (and its heartbeat zone) exists wherever sessions do.
+        if !conf.zones.is_empty() && !crate::background::add_zone(cf).is_ok() {
+            return conf_error();
+        }
         if !conf.providers.is_empty() {
             // SAFETY: registers (or finds) nginx's "default" thread pool during configuration.
             conf.thread_pool = unsafe { ngx_thread_pool_add(cf, ptr::null_mut()) };
