@@ -837,8 +837,8 @@ def run_typical_test() -> dict:
     """Runs the core crate's test that encodes a typical authentik session (10 groups, a 1 KB
     JWT access token) with the module's own encoder and asserts the record fits a 2 KB slab slot
     with the zone's entry header. Run after all measurements (it may compile)."""
-    env = {**os.environ, "CARGO_TARGET_DIR": str(REPO / "build" / "target-core")}
-    cmd = ["cargo", "test", "--locked", "-p", "authentik-core", "--lib", TYPICAL_TEST]
+    env = {**os.environ, "CARGO_TARGET_DIR": str(REPO / "build" / "target-debian")}
+    cmd = ["cargo", "test", "--locked", "--release", "-p", "authentik-core", "--lib", TYPICAL_TEST]
     try:
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -23,7 +23,7 @@ use crate::conf::LocationConf;
 use crate::log::action;
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
-use crate::session::{find_first_session, session_cookies};
+use crate::session;
 use crate::{ctx, headers, http, login, request_log, router, HttpAuthentikModule};
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
@@ -113,11 +113,8 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         && query_arg(args, b"X-authentik-auth-callback")
             .is_some_and(|v| v.eq_ignore_ascii_case(b"true"));
 
-    let cookies = session_cookies(r, provider);
-    let session = match (endpoint, is_callback) {
-        (None, false) => find_first_session(r, provider, &cookies),
-        _ => None,
-    };
+    let cookies = session::scan(r, provider, endpoint.is_none() && !is_callback);
+    let session = cookies.session;
 
     // Client-sent identity headers never reach the upstream, authenticated or not; nor, when
     // the module sets them, client copies of X-Forwarded-Host and additionalHeaders.
@@ -130,7 +127,7 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     if is_callback {
         return login::callback(r, provider);
     }
-    if cookies.len() > 1 {
+    if cookies.copies > 1 {
         // Copies of the cookie from other scopes (authentik's own outpost sets `Domain=`):
         // expire them where they may live, so the browser stops sending them.
         response::expire_stale_cookie_scopes(r, provider);
@@ -146,7 +143,7 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         ctx.done_for = provider;
         return NGX_DECLINED as ngx_int_t;
     }
-    let stale_cookie = !cookies.is_empty();
+    let stale_cookie = cookies.copies > 0;
 
     if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
         return NGX_DECLINED as ngx_int_t;

@@ -19,7 +19,7 @@ use crate::call::{self, AfterDiscovery, Call, CallError};
 use crate::log::action;
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
-use crate::session::{find_first_session, now, session_cookies};
+use crate::session::{self, now};
 use crate::store::{Eviction, SessionStore, ZoneError};
 use crate::{ctx, http, request_log, HttpAuthentikModule};
 
@@ -134,8 +134,7 @@ pub fn callback(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
 /// Deletes the user's sessions in the zone, expires the cookie, and sends the browser to the
 /// provider's end-session endpoint.
 pub fn sign_out(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
-    let cookies = session_cookies(r, provider);
-    let record = find_first_session(r, provider, &cookies);
+    let record = session::scan(r, provider, true).session;
     let id_token = record.map(|rec| String::from_utf8_lossy(rec.logout_hint()).into_owned());
     if let Some(rec) = &record {
         provider.zone().remove_by_sub(&String::from_utf8_lossy(rec.sub));

@@ -21,7 +21,7 @@ pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]
                     validate_return_to(&rd, settings.mode, &origin, domain)
                 })
                 .unwrap_or_else(|| response::home_url(r, provider));
-            let stale = !session::session_cookies(r, provider).is_empty();
+            let stale = session::session_cookies(r, provider).next().is_some();
             login::start(r, provider, return_to, stale)
         }
         b"callback" => login::callback(r, provider),
@@ -42,9 +42,11 @@ pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]
 fn bench_fill(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
     use authentik_core::session::{SessionId, SessionRecord};
 
+    use crate::store::SessionStore;
+
     let Some(record) = session::session_cookies(r, provider)
-        .first()
-        .and_then(|v| SessionId::from_cookie_value(v))
+        .next()
+        .and_then(SessionId::from_cookie_value)
         .and_then(|id| session::session_bytes(r, provider, &id))
         .and_then(|bytes| SessionRecord::decode(bytes).ok())
     else {

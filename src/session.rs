@@ -14,26 +14,35 @@ pub fn now() -> i64 {
     nginx_sys::ngx_time() as i64
 }
 
-/// Every value of the provider's session cookie in the request, in order (usually one).
-pub fn session_cookies<'a>(r: &ngx_http_request_t, provider: &Provider) -> Vec<&'a [u8]> {
-    let name = provider.cookie_name.as_bytes();
-    let mut found = Vec::new();
-    for header in http::request_headers(r, b"cookie") {
-        found.extend(cookie::find_cookies(header, name));
-    }
-    found
+/// What the request's session cookie(s) say.
+pub struct CookieScan {
+    /// The first copy that names a live session of this provider.
+    pub session: Option<SessionView<'static>>,
+    /// How many copies of the cookie the request carries (a browser sends one per scope).
+    pub copies: usize,
 }
 
-/// The first of `cookies` that names a live session of this provider.
-pub fn find_first_session(
-    r: &ngx_http_request_t,
-    provider: &Provider,
-    cookies: &[&[u8]],
-) -> Option<SessionView<'static>> {
-    cookies.iter().find_map(|value| {
-        let id = SessionId::from_cookie_value(value)?;
-        SessionView::parse(session_bytes(r, provider, &id)?)
-    })
+/// Every value of the provider's session cookie in the request, in order (usually one).
+pub fn session_cookies<'a>(
+    r: &'a ngx_http_request_t,
+    provider: &'a Provider,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let name = provider.cookie_name.as_bytes();
+    http::request_headers(r, b"cookie").flat_map(move |header| cookie::find_cookies(header, name))
+}
+
+/// Scans the session cookie's copies; with `lookup`, looks them up in order until one names a
+/// live session of this provider. Allocates nothing.
+pub fn scan(r: &ngx_http_request_t, provider: &Provider, lookup: bool) -> CookieScan {
+    let mut scan = CookieScan { session: None, copies: 0 };
+    for value in session_cookies(r, provider) {
+        scan.copies += 1;
+        if lookup && scan.session.is_none() {
+            scan.session = SessionId::from_cookie_value(value)
+                .and_then(|id| SessionView::parse(session_bytes(r, provider, &id)?));
+        }
+    }
+    scan
 }
 
 /// The session's encoded record, copied from the zone into the request pool. `'static` stands

@@ -66,40 +66,72 @@ const fn cmd(name: &'static str, args: Args, set: Set) -> BlockCommand {
 
 /// The block's command table.
 static COMMANDS: &[BlockCommand] = &[
-    cmd("issuer", Args::One, |_, b, v| Ok(b.issuer = Some(url("issuer", &v[0])?))),
-    cmd("client_id", Args::One, |_, b, v| Ok(b.client_id = Some(v[0].clone()))),
+    cmd("issuer", Args::One, |_, b, v| {
+        b.issuer = Some(url("issuer", &v[0])?);
+        Ok(())
+    }),
+    cmd("client_id", Args::One, |_, b, v| {
+        b.client_id = Some(v[0].clone());
+        Ok(())
+    }),
     cmd("client_secret", Args::One, set_client_secret),
     cmd("client_secret_file", Args::One, set_client_secret_file),
     cmd("external_host", Args::One, |_, b, v| {
-        Ok(b.external_host = Some(url("external_host", &v[0])?))
+        b.external_host = Some(url("external_host", &v[0])?);
+        Ok(())
     }),
     cmd("mode", Args::One, |_, b, v| {
-        Ok(b.mode = Some(Mode::parse(&v[0]).map_err(|e| e.to_string())?))
+        b.mode = Some(Mode::parse(&v[0]).map_err(|e| e.to_string())?);
+        Ok(())
     }),
     cmd("cookie_domain", Args::One, |_, b, v| {
-        Ok(b.cookie_domain = Some(parse_cookie_domain(&v[0]).map_err(|e| e.to_string())?))
+        b.cookie_domain = Some(parse_cookie_domain(&v[0]).map_err(|e| e.to_string())?);
+        Ok(())
     }),
-    cmd("scopes", Args::OneOrMore, |_, b, v| Ok(b.scopes = Some(v.to_vec()))),
+    cmd("scopes", Args::OneOrMore, |_, b, v| {
+        b.scopes = Some(v.to_vec());
+        Ok(())
+    }),
     cmd("unauth_paths", Args::OneOrMore, |_, b, v| {
-        Ok(b.unauth = Some(UnauthPaths::compile(v).map_err(|e| e.to_string())?))
+        b.unauth = Some(UnauthPaths::compile(v).map_err(|e| e.to_string())?);
+        Ok(())
     }),
-    cmd("session_zone", Args::One, |_, b, v| Ok(b.session_zone = Some(v[0].clone()))),
+    cmd("session_zone", Args::One, |_, b, v| {
+        b.session_zone = Some(v[0].clone());
+        Ok(())
+    }),
     cmd("timeout", Args::One, |_, b, v| {
         let ms = parse_time(&v[0], false).ok_or_else(|| format!("invalid timeout \"{}\"", v[0]))?;
-        Ok(b.timeout_ms = Some(ms as u64))
+        {
+            b.timeout_ms = Some(ms as u64);
+            Ok(())
+        }
     }),
     cmd("login_timeout", Args::One, |_, b, v| {
         let s =
             parse_time(&v[0], true).ok_or_else(|| format!("invalid login_timeout \"{}\"", v[0]))?;
-        Ok(b.login_timeout = Some(s))
+        {
+            b.login_timeout = Some(s);
+            Ok(())
+        }
     }),
-    cmd("ca_file", Args::One, |cf, b, v| Ok(b.ca_file = Some(conf_path(cf, &v[0])))),
+    cmd("ca_file", Args::One, |cf, b, v| {
+        b.ca_file = Some(conf_path(cf, &v[0]));
+        Ok(())
+    }),
     cmd("post_logout_redirect", Args::One, |_, b, v| {
-        Ok(b.post_logout_redirect = Some(url("post_logout_redirect", &v[0])?))
+        b.post_logout_redirect = Some(url("post_logout_redirect", &v[0])?);
+        Ok(())
     }),
-    cmd("trusted_audiences", Args::OneOrMore, |_, b, v| Ok(b.trusted_audiences = Some(v.to_vec()))),
+    cmd("trusted_audiences", Args::OneOrMore, |_, b, v| {
+        b.trusted_audiences = Some(v.to_vec());
+        Ok(())
+    }),
     cmd("max_pending_calls", Args::One, |_, b, v| match v[0].parse::<usize>() {
-        Ok(n) if (1..=65536).contains(&n) => Ok(b.max_pending_calls = Some(n)),
+        Ok(n) if (1..=65536).contains(&n) => {
+            b.max_pending_calls = Some(n);
+            Ok(())
+        }
         _ => Err(format!("invalid max_pending_calls \"{}\"", v[0])),
     }),
 ];
