@@ -204,7 +204,19 @@ class Provider:
         self.issuer = None
         self.port = None
 
-    def start(self, timeout: float = 45.0) -> "Provider":
+    def start(self, timeout: float = 30.0, attempts: int = 2) -> "Provider":
+        """Starts the provider; a start that hangs (seen rarely on a loaded machine, before node
+        reaches `listen`) is killed and retried once."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                kill_group(self.proc)
+                if attempt + 1 == attempts:
+                    raise
+        return self
+
+    def _start(self, timeout: float) -> "Provider":
         node_modules = T_DIR / "provider" / "node_modules"
         if not (node_modules / "oidc-provider").is_dir():
             raise RuntimeError(f"{node_modules} is missing: run `npm ci` in {T_DIR / 'provider'}")
