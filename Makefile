@@ -59,14 +59,14 @@ check: $(DEBIAN_OBJS)/Makefile
 
 unittest:
 	@.ci/deps.sh build
-	CARGO_TARGET_DIR=$(BUILD)/target-core $(CARGO) test --locked -p authentik-core
+	CARGO_TARGET_DIR=$(DEBIAN_TARGET) $(CARGO) test --locked --profile $(PROFILE) -p authentik-core
 
 e2e: module module-vendored deb docker-image
 	@.ci/deps.sh test
 	$(BUILD)/venv/bin/python -m pytest -n 2 t/
 
 # `make test` is the README's test command; .ci/run calls it (with -k).
-TEST_STAGES := check unittest e2e bench-smoke
+TEST_STAGES := check unittest e2e bench-smoke fuzz-smoke
 test: $(TEST_STAGES)
 
 deb: module
@@ -83,7 +83,9 @@ demo: module
 
 # The bench uses its own build with the BENCH-ONLY fill endpoint (cargo feature `bench`);
 # that .so is never packaged.
-BENCH_TARGET := $(BUILD)/target-bench
+# The same target directory as `module`: the dependency graph is compiled once (only this
+# crate is rebuilt with the feature). So are the core unit tests (`unittest`, same profile).
+BENCH_TARGET := $(DEBIAN_TARGET)
 
 $(BUILD)/bench/ngx_http_authentik_module.so: $(DEBIAN_OBJS)/Makefile $(RUST_SOURCES)
 	@mkdir -p $(BUILD)/bench
@@ -100,6 +102,19 @@ bench: module bench-module
 # build for its scale part only if one was built before (make bench-module).
 bench-smoke: module
 	BENCH_SMOKE=1 bench/run.sh
+
+# Coverage-guided fuzzing of authentik-core (libFuzzer, stable toolchain; fuzz/run.sh,
+# build/target-fuzz). `make fuzz` runs each target FUZZ_SECONDS (default 300); `fuzz-smoke`
+# (part of `make test`) builds them and runs each a few seconds from the committed corpus.
+.PHONY: fuzz fuzz-smoke
+FUZZ_SECONDS ?= 300
+fuzz:
+	@.ci/deps.sh build
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh fuzz
+
+fuzz-smoke:
+	@.ci/deps.sh build
+	fuzz/run.sh smoke
 
 print-%:
 	@echo $($*)

@@ -18,7 +18,7 @@ esac
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir="$root/build"
 
-BUILD_APT=(nginx nginx-dev libclang-dev clang pkg-config libssl-dev libpcre2-dev zlib1g-dev make dpkg-dev)
+BUILD_APT=(nginx nginx-dev libclang-dev clang g++ pkg-config libssl-dev libpcre2-dev zlib1g-dev make dpkg-dev)
 TEST_APT=(wrk curl)
 
 say() { echo "deps: $*"; }

@@ -61,7 +61,10 @@ impl UnauthPaths {
         match origin {
             // authentik matches the full URL in forward_domain mode: the query takes part.
             Some(origin) => {
-                let query = query_of(raw_target);
+                // A query that is not UTF-8 cannot take part in the subject: no exemption.
+                let Ok(query) = query_of(raw_target) else {
+                    return false;
+                };
                 let with = |path: &str| match query {
                     Some(q) => format!("{origin}{path}?{q}"),
                     None => format!("{origin}{path}"),
@@ -81,9 +84,13 @@ impl UnauthPaths {
 /// everyone. Refused: a target not starting with `/`; encoded `/`, `\`, `.` or `%` (`%2F`,
 /// `%5C`, `%2E`, `%25`: decoded a second time by some upstreams); control bytes and encoded
 /// NUL; a backslash; `//`; `;` (path parameters); dot-segments (`/./`, `/../`, a final `/.`
-/// or `/..`); malformed escapes; bytes that do not decode to UTF-8.
+/// or `/..`); malformed escapes; bytes that do not decode to UTF-8; a `#` anywhere.
 pub fn exemption_subject(raw_target: &[u8]) -> Option<String> {
-    let path = match raw_target.iter().position(|&b| b == b'?' || b == b'#') {
+    // A client never sends a fragment; nginx ends `$uri` at `#` while the upstream gets the rest.
+    if raw_target.contains(&b'#') {
+        return None;
+    }
+    let path = match raw_target.iter().position(|&b| b == b'?') {
         Some(end) => &raw_target[..end],
         None => raw_target,
     };
@@ -122,10 +129,12 @@ pub fn exemption_subject(raw_target: &[u8]) -> Option<String> {
     Some(path)
 }
 
-fn query_of(raw_target: &[u8]) -> Option<&str> {
-    let start = raw_target.iter().position(|&b| b == b'?')? + 1;
-    let end = raw_target.iter().position(|&b| b == b'#').unwrap_or(raw_target.len());
-    core::str::from_utf8(raw_target.get(start..end)?).ok()
+/// The query of `raw_target` (after its first `?`), if any; an error when it is not UTF-8.
+fn query_of(raw_target: &[u8]) -> Result<Option<&str>, core::str::Utf8Error> {
+    match raw_target.iter().position(|&b| b == b'?') {
+        Some(at) => core::str::from_utf8(&raw_target[at + 1..]).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Why a pattern is too broad to be meant: it matches every subject (`^`, `.*`, `a|`), every
@@ -248,6 +257,25 @@ mod tests {
         assert_eq!(exemption_subject(b"/public/a%20b?x=..%2F").as_deref(), Some("/public/a b"));
         assert_eq!(exemption_subject(b"/public/%C3%A9").as_deref(), Some("/public/\u{e9}"));
         assert_eq!(exemption_subject(b"/public/...x").as_deref(), Some("/public/...x"));
+    }
+
+    /// Found by fuzz/ (unauth_paths): nginx ends `$uri` at `#` but `proxy_pass` without a URI
+    /// part sends the rest upstream; a forward_domain subject dropped a non-UTF-8 query.
+    #[test]
+    fn fragments_and_unreadable_queries_are_never_exempt() {
+        for raw in ["/public/x#/../../admin", "/public/x?a=1#/../admin", "/public/#", "/#"] {
+            assert_eq!(exemption_subject(raw.as_bytes()), None, "{raw}");
+        }
+        let paths = UnauthPaths::compile(&["^/public/"]).unwrap();
+        assert!(!paths.exempts(b"/public/x#/../../admin", b"/public/x", None));
+        let exact = UnauthPaths::compile(&["^https://status\\.example\\.com/health$"]).unwrap();
+        let status = Some("https://status.example.com");
+        assert!(exact.exempts(b"/health", b"/health", status));
+        assert!(!exact.exempts(b"/health?a", b"/health", status));
+        assert!(!exact.exempts(b"/health?\xff", b"/health", status), "query dropped");
+        let crash = b"/public/%C3%A9t%C3%A9/1c/?pi/v;\0\0\0\x92\x8e";
+        let query = UnauthPaths::compile(&["^https://status\\.example\\.com/public/"]).unwrap();
+        assert!(!query.exempts(crash, "/public/\u{e9}t\u{e9}/1c/".as_bytes(), status));
     }
 
     #[test]

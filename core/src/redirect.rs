@@ -11,7 +11,7 @@ pub const MAX_RETURN_URL: usize = 2048;
 /// Returns the absolute URL to send the user to after login, or `None` when `target` must be
 /// refused (also when it, or the URL it resolves to, is longer than [`MAX_RETURN_URL`]). `target` is an absolute URL or an absolute path (`/x?y`); a path is resolved against
 /// `external_origin` (scheme://host[:port]).
-/// - proxy, forward_single: the host (with port) must equal the external origin's host.
+/// - proxy, forward_single: the scheme, host and port must equal the external origin's.
 /// - forward_domain: the hostname must equal `cookie_domain` or end with `.` + `cookie_domain`.
 ///
 /// Schemes other than http/https, userinfo (`user@`), backslashes, control characters and
@@ -60,7 +60,10 @@ fn same_host_and_port(url: &Url, origin: &Url) -> bool {
     let Some(origin_host) = origin.host_str() else {
         return false;
     };
-    host.eq_ignore_ascii_case(origin_host)
+    // The whole origin: `http://host:443/` is another origin than `https://host` (fuzz/ found
+    // it accepted when only host and port were compared).
+    url.scheme() == origin.scheme()
+        && host.eq_ignore_ascii_case(origin_host)
         && url.port_or_known_default() == origin.port_or_known_default()
 }
 
@@ -139,6 +142,22 @@ mod tests {
         ] {
             assert_eq!(proxy(target), None, "{target}");
         }
+    }
+
+    /// Found by fuzz/ (redirect): same host and port, other scheme, was accepted.
+    #[test]
+    fn proxy_mode_refuses_another_scheme_on_the_same_port() {
+        assert_eq!(proxy("http://app.example.com:443/x"), None);
+        let plain = "http://app.example.com:8080";
+        assert_eq!(
+            validate_return_to("https://app.example.com:8080/", Mode::Proxy, plain, None),
+            None
+        );
+        assert_eq!(
+            validate_return_to("http://app.example.com:8080/x", Mode::Proxy, plain, None)
+                .as_deref(),
+            Some("http://app.example.com:8080/x")
+        );
     }
 
     #[test]

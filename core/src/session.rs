@@ -37,7 +37,7 @@ impl SessionId {
         let written = URL_SAFE_NO_PAD.decode_slice(value, &mut bytes).ok()?;
         (written == bytes.len()).then_some(SessionId(bytes))
     }
-    /// First 8 bytes as a little-endian u64: the rbtree key in shared memory.
+    /// First 8 bytes as a little-endian u64: the key of the session index in shared memory.
     pub fn key(&self) -> u64 {
         let mut first = [0u8; 8];
         first.copy_from_slice(&self.0[..8]);
@@ -62,7 +62,7 @@ pub struct SessionRecord {
     pub sid: Option<String>,
     /// When the session ends: min(token exp, login time + zone timeout).
     pub expires_at: UnixTime,
-    /// Identity header values, in the order of [`crate::identity::IDENTITY_HEADERS`]
+    /// Identity header values, in the order of [`crate::identity::IDENTITY_FIELDS`]
     /// (username, groups, entitlements, email, name, uid, jwt).
     pub identity: crate::identity::Identity,
     /// id_token, for `id_token_hint` at sign_out.
@@ -143,7 +143,7 @@ impl SessionRecord {
             + wire::str_size(&self.claims_json)
     }
 
-    /// Never panics on any input (fuzzed).
+    /// Never panics on any input.
     pub fn decode(bytes: &[u8]) -> Result<SessionRecord, RecordError> {
         let mut reader = Reader::new(bytes);
         let (expires_at, sub) = read_header(&mut reader)?;
@@ -175,16 +175,11 @@ impl SessionRecord {
         Ok(SessionRecord { sub, sid, expires_at, identity, id_token, claims_json })
     }
 
-    /// Reads only `expires_at` and `sub` without decoding the rest (used under the zone lock).
+    /// The record's `sub`, read in place without allocating (used under the zone lock); `None`
+    /// for a record this version cannot read.
     pub fn peek_sub(bytes: &[u8]) -> Option<&str> {
         let view = SessionView::parse(bytes)?;
         core::str::from_utf8(view.sub).ok()
-    }
-
-    /// Reads only `expires_at`, without decoding the rest; `None` for a record this version
-    /// cannot read.
-    pub fn peek_expires_at(bytes: &[u8]) -> Option<UnixTime> {
-        read_header(&mut Reader::new(bytes)).ok().map(|(expires_at, _)| expires_at)
     }
 
     /// Value of top-level claim `name` as a header-safe string: strings as-is, numbers and
@@ -226,8 +221,11 @@ impl SessionRecord {
                     claims.remove(key);
                 }
             }
-            // Kept once, in the record's own field.
-            if claims.get("sid").and_then(Value::as_str) == self.sid.as_deref() {
+            // Kept once, in the record's own field (a non-string `sid` claim, which the record
+            // cannot hold, stays: fuzz/ found it dropped when the record had no sid).
+            if self.sid.is_some()
+                && claims.get("sid").and_then(Value::as_str) == self.sid.as_deref()
+            {
                 claims.remove("sid");
             }
             // Single-use values of the login itself, checked already; never identity.
@@ -278,12 +276,15 @@ fn claim_of(
     if let Some(value) = claims.get(name) {
         return render_claim(value);
     }
+    // Header-safe like `render_claim`: `sid` comes from the id_token as it is (fuzz/ found a
+    // CR/LF `sid` answered raw once `compact` had moved it out of the claims).
+    let text = |bytes: &[u8]| crate::identity::strip_control(&String::from_utf8_lossy(bytes));
     if name == "sid" {
-        return sid.map(|sid| String::from_utf8_lossy(sid).into_owned());
+        return sid.map(text);
     }
     let (_, index) = DEDUPLICATED_CLAIMS.iter().find(|(key, _)| *key == name)?;
     let value = values[*index];
-    (!value.is_empty()).then(|| String::from_utf8_lossy(value).into_owned())
+    (!value.is_empty()).then(|| text(value))
 }
 
 /// The payload of a compact JWT as JSON, without verifying anything.
@@ -319,7 +320,7 @@ pub struct SessionView<'a> {
     pub expires_at: UnixTime,
     pub sub: &'a [u8],
     pub sid: Option<&'a [u8]>,
-    /// Identity header values, in the order of [`crate::identity::IDENTITY_HEADERS`].
+    /// Identity header values, in the order of [`crate::identity::IDENTITY_FIELDS`].
     pub values: [&'a [u8]; 7],
     additional: &'a [u8],
     additional_count: u32,
@@ -610,10 +611,9 @@ mod tests {
     }
 
     #[test]
-    fn peek_reads_sub_and_expiry() {
+    fn peek_reads_sub() {
         let bytes = sample_record().encode();
         assert_eq!(SessionRecord::peek_sub(&bytes), Some("user-sub-1"));
-        assert_eq!(SessionRecord::peek_expires_at(&bytes), Some(1_700_000_000));
         assert_eq!(SessionRecord::peek_sub(&bytes[..5]), None);
         assert_eq!(SessionRecord::peek_sub(&[]), None);
     }
@@ -707,6 +707,54 @@ mod tests {
         assert_eq!(record.claim("line").as_deref(), Some("abc"));
         assert_eq!(record.claim("n"), None);
         assert_eq!(record.claim("absent"), None);
+    }
+
+    /// Found by fuzz/ (identity): a `sid` with CR/LF was answered raw after `compact`.
+    #[test]
+    fn sid_claim_is_header_safe_after_compact() {
+        let mut record = SessionRecord {
+            sid: Some("9b1d\r\nX-Injected: 1".into()),
+            claims_json: r#"{"sid":"9b1d\r\nX-Injected: 1"}"#.into(),
+            ..sample_record()
+        };
+        assert_eq!(record.claim("sid").as_deref(), Some("9b1dX-Injected: 1"));
+        record.compact("client");
+        assert!(!record.claims_json.contains("sid"), "kept once, in the record's field");
+        assert_eq!(record.claim("sid").as_deref(), Some("9b1dX-Injected: 1"));
+        let bytes = record.encode();
+        let view = SessionView::parse(&bytes).unwrap();
+        assert_eq!(view.claim("sid").as_deref(), Some("9b1dX-Injected: 1"));
+    }
+
+    /// Found by fuzz/ (identity): without serde_json's `float_roundtrip`, a float claim parsed,
+    /// re-serialised by `compact` and parsed again moved by one ULP.
+    #[test]
+    fn compact_keeps_float_claims_exactly() {
+        let claims = r#"{"big":1844684400000000007628864861625843712,"ratio":0.30000000000000004}"#;
+        let mut record = SessionRecord { claims_json: claims.into(), ..sample_record() };
+        let before = (record.claim("big"), record.claim("ratio"));
+        assert_eq!(before.0.as_deref(), Some("1.8446844e+36"));
+        record.compact("client");
+        assert_eq!((record.claim("big"), record.claim("ratio")), before);
+    }
+
+    /// Found by fuzz/ (record_roundtrip): a non-string `sid` claim was dropped by `compact`
+    /// when the record had no sid (`None == None`).
+    #[test]
+    fn compact_keeps_a_sid_claim_the_record_cannot_hold() {
+        let mut record =
+            SessionRecord { sid: None, claims_json: r#"{"sid":20}"#.into(), ..sample_record() };
+        assert_eq!(record.claim("sid").as_deref(), Some("20"));
+        record.compact("client");
+        assert_eq!(record.claim("sid").as_deref(), Some("20"));
+        let mut record = SessionRecord {
+            sid: Some("s-1".into()),
+            claims_json: r#"{"sid":"s-1"}"#.into(),
+            ..sample_record()
+        };
+        record.compact("client");
+        assert!(!record.claims_json.contains("sid"));
+        assert_eq!(record.claim("sid").as_deref(), Some("s-1"));
     }
 
     #[test]
