@@ -247,11 +247,7 @@ unsafe extern "C" fn run_in_thread(ctx: *mut c_void, _log: *mut ngx_log_t) {
     let Some(call) = handle.call.as_mut() else { return };
     let ran = catch_unwind(AssertUnwindSafe(|| run(runtime, call)));
     if let Err(panic) = ran {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let msg = crate::log::panic_message(&*panic);
         handle.panicked = Some(msg);
     }
 }

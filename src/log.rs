@@ -38,6 +38,16 @@ pub fn request(
     log.action = saved;
 }
 
+/// The message of a caught panic (`&str` or `String` payloads; "" for others), for the alert
+/// that reports it.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 /// `log::request` with `format_args!`: `request_log!(r, NGX_LOG_ERR, action::CALLBACK, "...")`.
 #[macro_export]
 macro_rules! request_log {

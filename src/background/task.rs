@@ -153,11 +153,7 @@ pub(super) fn spawn(
         let ran = catch_unwind(AssertUnwindSafe(|| run(&ctx)));
         let mut st = ctx.shared.lock();
         if let Err(panic) = ran {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let msg = crate::log::panic_message(&*panic);
             st.panicked = Some(msg);
         }
         st.finished = true;
