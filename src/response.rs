@@ -216,5 +216,5 @@ pub fn external_origin(r: &ngx_http_request_t, provider: &Provider) -> String {
 /// The external host's root (with `external_host`'s path): where a refused or over-long return
 /// URL lands.
 pub fn home_url(r: &ngx_http_request_t, provider: &Provider) -> String {
-    format!("{}{}/", external_origin(r, provider), provider.base_path)
+    provider.runtime.settings.home_url(http::scheme(r), &http::host(r))
 }

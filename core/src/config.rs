@@ -151,12 +151,17 @@ impl ProviderSettings {
         }
     }
 
+    /// `external_host`'s path without a trailing `/` ("" for none): where the outpost endpoints,
+    /// the callback and the login cookie live.
+    pub fn base_path(&self) -> &str {
+        self.external_host.as_ref().map_or("", |url| url.path().trim_end_matches('/'))
+    }
+
     /// `<origin><external_host path>/outpost.goauthentik.io/callback?X-authentik-auth-callback=true`,
     /// with the path joined without a double slash.
     pub fn redirect_uri(&self, request_scheme: &str, request_host: &str) -> String {
         let origin = self.external_origin(request_scheme, request_host);
-        let base_path =
-            self.external_host.as_ref().map_or("", |url| url.path().trim_end_matches('/'));
+        let base_path = self.base_path();
         format!(
             "{origin}{base_path}/outpost.goauthentik.io/callback?X-authentik-auth-callback=true"
         )
@@ -175,8 +180,7 @@ impl ProviderSettings {
     /// The external host's root, `external_host`'s path included: where a refused return URL
     /// lands.
     pub fn home_url(&self, request_scheme: &str, request_host: &str) -> String {
-        let base_path =
-            self.external_host.as_ref().map_or("", |url| url.path().trim_end_matches('/'));
+        let base_path = self.base_path();
         format!("{}{base_path}/", self.external_origin(request_scheme, request_host))
     }
 

@@ -278,11 +278,7 @@ fn build_provider(
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));
     }
-    let base_path = settings
-        .external_host
-        .as_ref()
-        .map_or("", |url| url.path().trim_end_matches('/'))
-        .to_string();
+    let base_path = settings.base_path().to_string();
     let key = provider_key(settings.issuer.as_str(), &settings.client_id);
     let cookie_name = session_cookie_name(&settings.client_id);
     let name = settings.name.clone();
