@@ -7,20 +7,24 @@
 
 use core::ptr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 
 use authentik_core::config::Mode;
+use authentik_core::page::error_page;
 use authentik_core::paths::UnauthPaths;
 use authentik_core::request::{is_navigation, query_arg};
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
-    ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_DECLINED, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
+    ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_DECLINED, NGX_HTTP_NOT_FOUND,
+    NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_INFO,
 };
 use ngx::core::Status;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
 use crate::call::Finished;
-use crate::conf::LocationConf;
+use crate::conf::{LocationConf, MainConf, OutpostTarget};
 use crate::log::action;
+use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
@@ -62,11 +66,19 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         return NGX_DECLINED as ngx_int_t;
     };
     let lcf: &LocationConf = lcf;
-    if lcf.provider.is_null() {
+    let provider: &Provider = if !lcf.provider.is_null() {
+        // SAFETY: providers live in the main configuration for the cycle's lifetime.
+        unsafe { &*lcf.provider }
+    } else if let Some(target) = &lcf.target {
+        match per_request_provider(r, target) {
+            // SAFETY: a block provider (main configuration) or an outpost provider that the
+            // request context holds until the request ends.
+            Ok(p) => unsafe { &*p },
+            Err(rc) => return rc,
+        }
+    } else {
         return NGX_DECLINED as ngx_int_t;
-    }
-    // SAFETY: providers live in the main configuration for the cycle's lifetime.
-    let provider: &Provider = unsafe { &*lcf.provider };
+    };
 
     let Some(ctx) = ctx::get_or_create(r) else {
         return INTERNAL_ERROR;
@@ -145,8 +157,18 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     }
     let stale_cookie = cookies.copies > 0;
 
-    if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
-        return NGX_DECLINED as ngx_int_t;
+    if lcf.target.is_none() {
+        if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
+            return NGX_DECLINED as ngx_int_t;
+        }
+    } else {
+        let own = &lcf.own_unauth_paths;
+        let shared = &provider.runtime.unauth;
+        if (!shared.is_empty() && exempt(r, provider, shared))
+            || (!own.is_empty() && exempt(r, provider, own))
+        {
+            return NGX_DECLINED as ngx_int_t;
+        }
     }
 
     let navigation = is_navigation(
@@ -165,6 +187,77 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     }
     let return_to = login::return_url(r, provider);
     login::start(r, provider, return_to, stale_cookie)
+}
+
+/// The provider of a location whose provider is chosen per request (`auth_authentik auto`, or
+/// a name only authentik's API knows). While the request waits for a provider call it keeps
+/// the provider it started with, whatever a new configuration says.
+fn per_request_provider(
+    r: &mut ngx_http_request_t,
+    target: &OutpostTarget,
+) -> Result<*const Provider, ngx_int_t> {
+    let Some(mcf) = HttpAuthentikModule::main_conf(r) else {
+        return Err(INTERNAL_ERROR);
+    };
+    let mcf: &MainConf = mcf;
+    let Some(ctx) = ctx::get_or_create(r) else {
+        return Err(INTERNAL_ERROR);
+    };
+    if !ctx.call.is_null() {
+        if let Some(p) = ctx.held.last() {
+            return Ok(Rc::as_ptr(p));
+        }
+    }
+    let found = match target {
+        OutpostTarget::Named(name) => outpost::find(mcf, name),
+        OutpostTarget::Auto => {
+            let host =
+                String::from_utf8_lossy(http::bytes_of(&r.headers_in.server)).to_ascii_lowercase();
+            match outpost::find_by_host(mcf, &host) {
+                Some(ByHost::Block(p)) => return Ok(p),
+                Some(ByHost::Outpost(p)) => Found::Provider(p),
+                None => {
+                    request_log!(
+                        r,
+                        NGX_LOG_INFO,
+                        action::ACCESS,
+                        "no authentik provider for host \"{host}\""
+                    );
+                    let msg = "No application is set up for this address.";
+                    return Err(response::send_page(
+                        r,
+                        NGX_HTTP_NOT_FOUND as usize,
+                        &error_page("Not found", msg, None),
+                    ));
+                }
+            }
+        }
+    };
+    let reason = match found {
+        Found::Provider(p) => {
+            let ptr = Rc::as_ptr(&p);
+            let Some(ctx) = ctx::get(r) else {
+                return Err(INTERNAL_ERROR);
+            };
+            if !ctx.held.iter().any(|h| Rc::ptr_eq(h, &p)) {
+                ctx.held.push(p);
+            }
+            return Ok(ptr);
+        }
+        Found::Unknown => "is not assigned to this outpost",
+        Found::NotFetched => "is not known yet: no configuration was fetched from authentik",
+    };
+    let name = match target {
+        OutpostTarget::Named(name) => name.as_str(),
+        OutpostTarget::Auto => "auto",
+    };
+    request_log!(r, NGX_LOG_ERR, action::ACCESS, "authentik provider \"{name}\" {reason}");
+    let msg = "Logging in is not possible right now. Try again in a moment.";
+    Err(response::send_page(
+        r,
+        NGX_HTTP_SERVICE_UNAVAILABLE as usize,
+        &error_page("Login unavailable", msg, None),
+    ))
 }
 
 /// Whether the request may pass without a session: the unauthenticated-path patterns must

@@ -44,14 +44,16 @@ use ngx::ngx_log_error;
 use crate::HttpAuthentikModule;
 
 mod heartbeat;
+mod outpost;
 mod task;
 
 pub use heartbeat::{add_zone, heartbeat_value};
 use task::{spawn, Shared};
 pub use task::{Context, Level, Task};
 
-/// How often the supervisor logs what the tasks queued and checks for a shutdown.
-const SUPERVISOR_INTERVAL: ngx_msec_t = 1000;
+/// How often the supervisor logs what the tasks queued, runs their ticks (authentik's
+/// SESSION_END is acted on then) and checks for a shutdown.
+const SUPERVISOR_INTERVAL: ngx_msec_t = 250;
 /// How long `exit_process` waits for the tasks' threads.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 
@@ -62,6 +64,7 @@ struct Handle {
     thread: Option<JoinHandle<()>>,
     /// Its end was logged.
     reported: bool,
+    tick: Option<Box<dyn FnMut()>>,
 }
 
 /// The tasks of this worker and the supervisor's timer. Lives from `init_process` to
@@ -116,7 +119,7 @@ fn start(cycle: &ngx_cycle_t) {
         return; // the module is loaded but not used
     }
     let log = cycle.log;
-    let tasks = tasks(cycle);
+    let tasks = tasks(cycle, mcf);
     let mut running = Box::new(Running {
         // SAFETY: a zeroed event is what nginx's own code starts from (ngx_pcalloc).
         timer: unsafe { core::mem::zeroed() },
@@ -138,6 +141,7 @@ fn start(cycle: &ngx_cycle_t) {
                     shared,
                     thread: Some(thread),
                     reported: false,
+                    tick: task.tick,
                 });
             }
             Err(err) => {
@@ -169,8 +173,11 @@ fn start(cycle: &ngx_cycle_t) {
 }
 
 /// The tasks worker 0 runs.
-fn tasks(cycle: &ngx_cycle_t) -> Vec<Task> {
+fn tasks(cycle: &ngx_cycle_t, mcf: &crate::conf::MainConf) -> Vec<Task> {
     let mut tasks = Vec::new();
+    if let Some(task) = outpost::task(cycle, mcf) {
+        tasks.push(task);
+    }
     match heartbeat::task(cycle) {
         Some(task) => tasks.push(task),
         None => {
@@ -228,6 +235,9 @@ unsafe fn supervise_inner(ev: *mut ngx_event_t) {
     }
     let mut alive = false;
     for task in &mut running.tasks {
+        if let Some(tick) = task.tick.as_mut() {
+            tick();
+        }
         alive |= !drain(task, log, running.stopping);
     }
     if alive {

@@ -7,6 +7,7 @@
 use core::ffi::c_void;
 use core::mem::size_of;
 use core::ptr;
+use std::rc::Rc;
 
 use authentik_core::session::SessionView;
 use nginx_sys::{ngx_http_request_t, ngx_pool_cleanup_add, ngx_pool_cleanup_t};
@@ -25,11 +26,14 @@ pub struct RequestCtx {
     pub done_for: *const Provider,
     /// The provider call the request is suspended on (see `call`).
     pub call: *mut CallHandle,
+    /// Outpost providers this request used (the last is the current one): kept alive while
+    /// the request lives, since headers borrow their names and a call may be in flight.
+    pub held: Vec<Rc<Provider>>,
 }
 
 impl Default for RequestCtx {
     fn default() -> Self {
-        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut() }
+        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut(), held: Vec::new() }
     }
 }
 

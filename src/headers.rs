@@ -15,9 +15,7 @@ use nginx_sys::ngx_http_request_t;
 use crate::http::{self, HeaderName};
 use crate::provider::Provider;
 
-const OUTPOST_NAME: &str = "nginx-authentik";
-const OUTPOST_VERSION: &str =
-    concat!("goauthentik.io/outpost/nginx-authentik-", env!("CARGO_PKG_VERSION"));
+use authentik_core::outpost;
 
 /// The identity headers with their precomputed hashes, in `IDENTITY_FIELDS` order.
 static IDENTITY_HEADER_NAMES: [HeaderName; IDENTITY_FIELDS.len()] = identity_header_names();
@@ -80,7 +78,7 @@ pub fn set_identity(
     provider: &Provider,
     session: &SessionView<'static>,
 ) -> bool {
-    let provider_name = provider.settings().name.as_bytes();
+    let meta = &provider.settings().meta;
     let host = http::host_bytes(r);
     let mut ok = true;
     // SAFETY: every borrowed value outlives the request's headers (see above).
@@ -88,10 +86,10 @@ pub fn set_identity(
         for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(session.values.iter()) {
             ok &= http::add_request_header_borrowed(r, name, value);
         }
-        ok &= http::add_request_header_borrowed(r, &META_OUTPOST, OUTPOST_NAME.as_bytes());
-        ok &= http::add_request_header_borrowed(r, &META_PROVIDER, provider_name);
-        ok &= http::add_request_header_borrowed(r, &META_APP, provider_name);
-        ok &= http::add_request_header_borrowed(r, &META_VERSION, OUTPOST_VERSION.as_bytes());
+        ok &= http::add_request_header_borrowed(r, &META_OUTPOST, meta.outpost.as_bytes());
+        ok &= http::add_request_header_borrowed(r, &META_PROVIDER, meta.provider.as_bytes());
+        ok &= http::add_request_header_borrowed(r, &META_APP, meta.app.as_bytes());
+        ok &= http::add_request_header_borrowed(r, &META_VERSION, outpost::META_VERSION.as_bytes());
         if provider.settings().mode == Mode::Proxy {
             ok &= http::add_request_header_borrowed(r, &FORWARDED_HOST, host);
         }

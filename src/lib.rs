@@ -3,6 +3,8 @@
 // This file only wires nginx hooks to the modules that do the work:
 // - `conf`: directives, the `authentik_provider {}` block, configuration merging;
 // - `provider`: one provider at run time (shared runtime object, zone, this worker's calls);
+// - `outpost`: providers fetched from authentik (`authentik_outpost`): their shared zone and
+//   this worker's table of them;
 // - `store`: the session store in shared memory (sessions and pending logins);
 // - `access`: the access-phase handler, the access decision for every request;
 // - `headers`: which client headers are removed, which identity headers are set;
@@ -14,7 +16,8 @@
 // - `response`: redirects, pages and cookies the module sends itself;
 // - `http`: helpers over nginx's header lists;
 // - `log`: error_log lines in nginx's phrasing;
-// - `background`: long-lived work on a thread of worker 0 (the heartbeat), results in shared memory;
+// - `background`: long-lived work on a thread of worker 0 (the heartbeat, the link to
+//   authentik), results in shared memory;
 // - `variables`: `$authentik_*` variables.
 // The protocol logic lives in the FFI-free `authentik-core` crate.
 
@@ -23,8 +26,9 @@ use core::ptr;
 
 use nginx_sys::{
     ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t,
-    NGX_CONF_1MORE, NGX_CONF_BLOCK, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF,
+    NGX_CONF_1MORE, NGX_CONF_2MORE, NGX_CONF_BLOCK, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
+    NGX_HTTP_SRV_CONF,
 };
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
@@ -37,6 +41,7 @@ mod headers;
 mod http;
 mod log;
 mod login;
+mod outpost;
 mod provider;
 mod response;
 mod router;
@@ -107,7 +112,7 @@ const fn command(
     }
 }
 
-static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 5] = [
+static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 6] = [
     command(
         "authentik_session_zone\0",
         NGX_HTTP_MAIN_CONF | NGX_CONF_1MORE,
@@ -118,6 +123,12 @@ static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 5] = [
         "authentik_provider\0",
         NGX_HTTP_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1,
         conf::cmd_add_provider,
+        NGX_HTTP_MAIN_CONF_OFFSET,
+    ),
+    command(
+        "authentik_outpost\0",
+        NGX_HTTP_MAIN_CONF | NGX_CONF_2MORE,
+        conf::cmd_set_outpost,
         NGX_HTTP_MAIN_CONF_OFFSET,
     ),
     command(

@@ -127,7 +127,7 @@ pub fn callback(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
         return response::invalid_state(r, provider, "the login response has no code");
     };
     let login = Box::new(login);
-    let max_lifetime = provider.zone().timeout;
+    let max_lifetime = provider.session_lifetime();
     start_call(r, provider, Call::Login { login, code, max_lifetime, login_cookie, result: None })
 }
 

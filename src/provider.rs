@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use authentik_core::config::ProviderSettings;
+use authentik_core::outpost::provider::HeaderAuth;
 use authentik_core::provider::ProviderRuntime;
 
 use crate::call::CallState;
@@ -33,11 +34,40 @@ pub struct Provider {
     pub zone_name: Option<String>,
     /// `file:line` of the block, for errors found after it was parsed.
     pub declared_at: String,
+    /// What authentik's API said beyond the settings, for a provider of `authentik_outpost`.
+    pub outpost: Option<FromOutpost>,
+}
+
+/// The parts of an outpost provider that are not provider settings.
+pub struct FromOutpost {
+    /// `assigned_application_slug`.
+    pub slug: String,
+    /// `access_token_validity`, seconds.
+    pub session_lifetime: Option<i64>,
+    /// How `Authorization` headers are answered (header authentication).
+    #[allow(dead_code)] // read by header authentication
+    pub header_auth: HeaderAuth,
 }
 
 impl Provider {
     pub fn settings(&self) -> &ProviderSettings {
         &self.runtime.settings
+    }
+
+    /// The name `auth_authentik` finds it by: the application slug, or the block's name.
+    pub fn slug(&self) -> &str {
+        self.outpost.as_ref().map_or(&self.settings().name, |o| &o.slug)
+    }
+
+    /// The longest a session may live: the zone's `timeout`, or for an outpost provider its
+    /// `access_token_validity` (capped by `timeout` only when the zone sets one).
+    pub fn session_lifetime(&self) -> i64 {
+        let zone = self.zone();
+        match self.outpost.as_ref().and_then(|o| o.session_lifetime) {
+            Some(lifetime) if zone.timeout_given => lifetime.min(zone.timeout),
+            Some(lifetime) => lifetime,
+            None => zone.timeout,
+        }
     }
 
     pub fn zone(&self) -> &SessionZone {

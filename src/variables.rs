@@ -2,6 +2,8 @@
 //! `$authentik_name`, `$authentik_uid`, `$authentik_jwt` and `$authentik_claim_<name>`.
 //! Empty (not found) until the access phase has authenticated the request.
 //! `$authentik_background_heartbeat`: the background heartbeat, in any phase (background.rs).
+//! `$authentik_outpost_status`: `<generation> <unix time of the last fetch> <websocket 0|1>`
+//! of the `authentik_outpost` configuration, in any phase (outpost/zone.rs).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -13,10 +15,13 @@ use ngx::core::Status;
 
 use authentik_core::identity::IDENTITY_FIELDS;
 
-use crate::{ctx, http};
+use ngx::http::HttpModuleMainConf;
+
+use crate::{ctx, http, HttpAuthentikModule};
 
 const CLAIM_PREFIX: &str = "authentik_claim_";
 const HEARTBEAT_VARIABLE: &str = "authentik_background_heartbeat";
+const OUTPOST_VARIABLE: &str = "authentik_outpost_status";
 
 pub fn register(cf: &mut ngx_conf_t) -> Status {
     for (index, field) in IDENTITY_FIELDS.iter().enumerate() {
@@ -29,6 +34,9 @@ pub fn register(cf: &mut ngx_conf_t) -> Status {
         return Status::NGX_ERROR;
     }
     if !add(cf, HEARTBEAT_VARIABLE, NGX_HTTP_VAR_NOCACHEABLE, heartbeat_variable, 0) {
+        return Status::NGX_ERROR;
+    }
+    if !add(cf, OUTPOST_VARIABLE, NGX_HTTP_VAR_NOCACHEABLE, outpost_variable, 0) {
         return Status::NGX_ERROR;
     }
     Status::NGX_OK
@@ -110,6 +118,24 @@ unsafe extern "C" fn heartbeat_variable(
     let (r, v) = unsafe { (&mut *r, &mut *v) };
     let value = catch_unwind(AssertUnwindSafe(|| {
         http::pool_str(r, crate::background::heartbeat_value()?.as_bytes())
+    }));
+    set_value(v, value.ok().flatten());
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn outpost_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx passes the request and a value slot to fill.
+    let (r, v) = unsafe { (&mut *r, &mut *v) };
+    let value = catch_unwind(AssertUnwindSafe(|| {
+        let mcf: &crate::conf::MainConf = HttpAuthentikModule::main_conf(r)?;
+        let zone = crate::outpost::zone::OutpostZone::of(mcf.outpost.as_ref()?.shm_zone)?;
+        let status =
+            format!("{} {} {}", zone.generation(), zone.fetched_at(), zone.connected() as u8);
+        http::pool_str(r, status.as_bytes())
     }));
     set_value(v, value.ok().flatten());
     NGX_OK as ngx_int_t

@@ -253,10 +253,11 @@ def test_replayed_state(app):
 
 def test_expired_state(app):
     """A login completed after `login_timeout` is refused with the restart page."""
-    app.start(provider_extra="login_timeout 1s;")
+    # 3 s: the fresh login below must fit in it on a loaded machine too
+    app.start(provider_extra="login_timeout 3s;")
     b = Browser()
     cb = _callback_url(app, b)
-    time.sleep(2.2)
+    time.sleep(4.2)
     assert_state_error_page(b.get(cb, follow=False))
     assert "completing authentik login" in app.nginx.error_log()
     # and a fresh login within the timeout still works

@@ -116,6 +116,38 @@ pub struct ProviderSettings {
     pub post_logout_redirect: Option<Url>,
     /// Audiences besides `client_id` that an id_token may name (`trusted_audiences`).
     pub trusted_audiences: Vec<String>,
+    /// The names the `X-authentik-meta-*` headers carry.
+    pub meta: ProviderMeta,
+    /// `Host` and `X-Forwarded-Proto` of every back-channel call, when authentik is reached on
+    /// another address than browsers use (`browser_url`): authentik builds the tokens' `iss`
+    /// from the request's host, so it must be the host of the issuer browsers see.
+    pub backchannel_host: Option<(String, String)>,
+}
+
+/// What `X-authentik-meta-outpost`, `-provider` and `-app` say, and how calls name the provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProviderMeta {
+    pub outpost: String,
+    pub provider: String,
+    pub app: String,
+    /// Appended to the User-Agent of the provider's calls (authentik's ` (provider=NAME)`).
+    pub user_agent_suffix: Option<String>,
+}
+
+/// The outpost name of providers from `authentik_provider { }` blocks.
+pub const BLOCK_OUTPOST_NAME: &str = "nginx-authentik";
+
+impl ProviderMeta {
+    /// The meta names of an `authentik_provider NAME { }` block: the block's name for both the
+    /// provider and the application.
+    pub fn of_block(name: &str) -> ProviderMeta {
+        ProviderMeta {
+            outpost: BLOCK_OUTPOST_NAME.to_owned(),
+            provider: name.to_owned(),
+            app: name.to_owned(),
+            user_agent_suffix: None,
+        }
+    }
 }
 
 pub const DEFAULT_SCOPES: &[&str] = &["openid", "profile", "email", "entitlements", "ak_proxy"];
@@ -231,6 +263,8 @@ mod tests {
             ca_file: None,
             post_logout_redirect: None,
             trusted_audiences: Vec::new(),
+            meta: Default::default(),
+            backchannel_host: None,
         }
     }
 

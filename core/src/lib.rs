@@ -11,6 +11,7 @@ pub mod config;
 pub mod cookie;
 pub mod identity;
 pub mod oidc;
+pub mod outpost;
 pub mod page;
 pub mod paths;
 pub mod provider;

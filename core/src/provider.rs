@@ -32,6 +32,22 @@ impl ProviderRuntime {
         Ok(ProviderRuntime { settings, client, cache: MetadataCache::default(), unauth })
     }
 
+    /// A runtime whose discovery document is given (an outpost provider: authentik's API sends
+    /// every endpoint), so no call fetches it.
+    pub fn with_discovery(
+        settings: ProviderSettings,
+        unauth: UnauthPaths,
+        discovery: Discovery,
+    ) -> Result<ProviderRuntime, ProviderError> {
+        let client = ProviderClient::new(&settings)?;
+        Ok(ProviderRuntime {
+            settings,
+            client,
+            cache: MetadataCache::with_discovery(discovery),
+            unauth,
+        })
+    }
+
     /// Its settings, client and cache, borrowed together for the provider calls of a login.
     pub fn context(&self) -> ProviderContext<'_> {
         ProviderContext { settings: &self.settings, client: &self.client, cache: &self.cache }

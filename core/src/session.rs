@@ -182,6 +182,11 @@ impl SessionRecord {
         core::str::from_utf8(view.sub).ok()
     }
 
+    /// The record's `sid`, read in place without allocating (back-channel logout).
+    pub fn peek_sid(bytes: &[u8]) -> Option<&[u8]> {
+        SessionView::parse(bytes)?.sid
+    }
+
     /// Value of top-level claim `name` as a header-safe string: strings as-is, numbers and
     /// booleans in JSON form, arrays of strings joined with `|`, other values as compact JSON,
     /// null/absent as `None`.
@@ -615,6 +620,7 @@ mod tests {
         let bytes = sample_record().encode();
         assert_eq!(SessionRecord::peek_sub(&bytes), Some("user-sub-1"));
         assert_eq!(SessionRecord::peek_sub(&bytes[..5]), None);
+        assert_eq!(SessionRecord::peek_sid(&bytes[..5]), None);
         assert_eq!(SessionRecord::peek_sub(&[]), None);
     }
 

@@ -184,7 +184,7 @@ impl Zone {
 /// The heartbeat task of `cycle`, if its zone exists.
 pub fn task(cycle: &ngx_cycle_t) -> Option<Task> {
     let zone = Zone::of(cycle)?;
-    Some(Task { name: "heartbeat", run: Box::new(move |ctx| run(ctx, zone)) })
+    Some(Task { name: "heartbeat", run: Box::new(move |ctx| run(ctx, zone)), tick: None })
 }
 
 fn run(ctx: &Context, zone: Zone) {

@@ -11,8 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nginx_sys::{
-    pthread_sigmask, sigdelset, sigfillset, sigset_t, NGX_LOG_ALERT, NGX_LOG_NOTICE, NGX_LOG_WARN,
-    SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIG_BLOCK, SIG_SETMASK,
+    pthread_sigmask, sigdelset, sigfillset, sigset_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_NOTICE,
+    NGX_LOG_WARN, SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIG_BLOCK, SIG_SETMASK,
 };
 
 /// Messages a task may queue between two supervisor ticks; more are counted and dropped.
@@ -20,10 +20,11 @@ const MAX_QUEUED_MESSAGES: usize = 64;
 
 /// The level of a message a task queues for the error log.
 #[derive(Clone, Copy, Debug)]
-#[allow(dead_code)] // Notice and Alert are for the tasks to come.
+#[allow(dead_code)] // Alert is for the tasks to come.
 pub enum Level {
     Notice,
     Warn,
+    Error,
     Alert,
 }
 
@@ -32,6 +33,7 @@ impl Level {
         match self {
             Level::Notice => NGX_LOG_NOTICE,
             Level::Warn => NGX_LOG_WARN,
+            Level::Error => NGX_LOG_ERR,
             Level::Alert => NGX_LOG_ALERT,
         }
     }
@@ -88,7 +90,6 @@ pub struct Context {
 
 impl Context {
     /// Whether the task has been asked to stop.
-    #[allow(dead_code)] // for the tasks to come; the heartbeat only sleeps.
     pub fn stopping(&self) -> bool {
         self.shared.lock().stop
     }
@@ -123,10 +124,12 @@ impl Context {
     }
 }
 
-/// A task: its name (in logs) and its body, run once on a thread of its own.
+/// A task: its name (in logs), its body, run once on a thread of its own, and what the
+/// supervisor runs for it on the event loop at every tick (to act on what the thread found).
 pub struct Task {
     pub name: &'static str,
     pub run: Box<dyn FnOnce(&Context) + Send>,
+    pub tick: Option<Box<dyn FnMut()>>,
 }
 
 /// Starts `run` on a thread that has every asynchronous signal blocked, so that nginx's

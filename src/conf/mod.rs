@@ -43,6 +43,8 @@ pub struct MainConf {
     pub providers: Vec<Box<Provider>>,
     /// nginx's `default` thread pool, used for every call to a provider.
     pub thread_pool: *mut ngx_thread_pool_t,
+    /// `authentik_outpost`: providers fetched from authentik at run time.
+    pub outpost: Option<Box<OutpostConf>>,
 }
 
 /// Where a directive was written, for errors reported after the fact.
@@ -69,6 +71,16 @@ impl core::fmt::Display for ConfOrigin {
     }
 }
 
+/// A provider named by `auth_authentik` that only authentik's API knows, found per request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutpostTarget {
+    /// The application slug or provider name.
+    Named(String),
+    /// `auto`: the provider whose external host (or forward_domain cookie domain) the request's
+    /// host is on.
+    Auto,
+}
+
 #[derive(Clone, Default)]
 enum AuthSetting {
     #[default]
@@ -82,8 +94,12 @@ enum AuthSetting {
 pub struct LocationConf {
     auth: AuthSetting,
     own_unauth: Option<UnauthPaths>,
-    /// The provider protecting this location (null: off); set by merging.
+    /// The provider protecting this location (null: off or `target`); set by merging.
     pub provider: *const Provider,
+    /// Set by merging when the provider is chosen per request (outpost providers, `auto`).
+    pub target: Option<OutpostTarget>,
+    /// This location's own unauthenticated paths (added to a per-request provider's).
+    pub own_unauth_paths: UnauthPaths,
     /// Provider-wide plus server/location unauthenticated paths; set by merging.
     pub unauth: UnauthPaths,
 }
@@ -112,10 +128,12 @@ macro_rules! emerg {
     }};
 }
 
+mod outpost;
 mod provider_block;
 mod session_zone;
 
-pub use provider_block::cmd_add_provider;
+pub use outpost::{cmd_set_outpost, OutpostConf};
+pub use provider_block::{cmd_add_provider, provider_key};
 pub use session_zone::cmd_add_session_zone;
 
 fn main_conf(cf: &ngx_conf_t) -> &'static mut MainConf {
@@ -239,11 +257,34 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
                 );
             }
         }
+        if let Some(outpost) = conf.outpost.as_mut() {
+            let zone = match &outpost.zone_name {
+                Some(name) => conf.zones.iter().find(|z| &z.name == name),
+                None if conf.zones.len() == 1 => conf.zones.first(),
+                None => None,
+            };
+            let Some(zone) = zone else {
+                let reason = match (&outpost.zone_name, conf.zones.len()) {
+                    (Some(name), _) => format!("unknown session zone \"{name}\""),
+                    (None, 0) => "no \"authentik_session_zone\" is defined".to_string(),
+                    (None, _) => {
+                        "\"session_zone=\" is required when several zones exist".to_string()
+                    }
+                };
+                return emerg!(
+                    cf,
+                    "authentik_outpost defined in {}: {}",
+                    outpost.declared_at,
+                    reason
+                );
+            };
+            outpost.session_zone = &**zone as *const SessionZone;
+        }
         // Background work (and its heartbeat zone) exists wherever sessions do.
         if !conf.zones.is_empty() && !crate::background::add_zone(cf).is_ok() {
             return conf_error();
         }
-        if !conf.providers.is_empty() {
+        if !conf.providers.is_empty() || conf.outpost.is_some() {
             // SAFETY: registers (or finds) nginx's "default" thread pool during configuration.
             conf.thread_pool = unsafe { ngx_thread_pool_add(cf, ptr::null_mut()) };
             if conf.thread_pool.is_null() {
@@ -270,12 +311,24 @@ pub unsafe extern "C" fn merge_loc_conf(
         if conf.own_unauth.is_none() {
             conf.own_unauth = prev.own_unauth.clone();
         }
+        conf.target = None;
+        conf.own_unauth_paths = conf.own_unauth.clone().unwrap_or_default();
         let AuthSetting::Provider(name, origin) = &conf.auth else {
             conf.provider = ptr::null();
             return CONF_OK;
         };
-        let Some(provider) = main_conf(cf).providers.iter().find(|p| &p.settings().name == name)
-        else {
+        let mcf = main_conf(cf);
+        let Some(provider) = mcf.providers.iter().find(|p| &p.settings().name == name) else {
+            if name == "auto" {
+                conf.provider = ptr::null();
+                conf.target = Some(OutpostTarget::Auto);
+                return CONF_OK;
+            }
+            if mcf.outpost.is_some() {
+                conf.provider = ptr::null();
+                conf.target = Some(OutpostTarget::Named(name.clone()));
+                return CONF_OK;
+            }
             // Reported with the directive's own position, like nginx does for unknown references.
             let msg = format!("unknown authentik_provider \"{name}\" in {origin}");
             let cmsg = std::ffi::CString::new(msg).unwrap_or_default();

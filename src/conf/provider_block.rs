@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use authentik_core::config::{
-    parse_cookie_domain, parse_http_url, Mode, ProviderSettings, DEFAULT_SCOPES,
+    parse_cookie_domain, parse_http_url, Mode, ProviderMeta, ProviderSettings, DEFAULT_SCOPES,
 };
 use authentik_core::cookie::session_cookie_name;
 use authentik_core::oidc::login::LOGIN_TTL;
@@ -260,7 +260,7 @@ fn build_provider(
     let unauth = block.unauth.unwrap_or_default();
 
     let settings = ProviderSettings {
-        name,
+        name: name.clone(),
         issuer,
         client_id,
         client_secret,
@@ -274,6 +274,8 @@ fn build_provider(
         ca_file: block.ca_file,
         post_logout_redirect: block.post_logout_redirect,
         trusted_audiences: block.trusted_audiences.unwrap_or_default(),
+        meta: ProviderMeta::of_block(&name),
+        backchannel_host: None,
     };
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));
@@ -295,6 +297,7 @@ fn build_provider(
         zone: ptr::null(),
         zone_name: block.session_zone,
         declared_at: origin.to_string(),
+        outpost: None,
     })
 }
 
@@ -303,7 +306,7 @@ fn build_provider(
 const DEFAULT_MAX_PENDING_CALLS: usize = 16;
 
 /// FNV-1a of `issuer NUL client_id`, folded to 32 bits.
-fn provider_key(issuer: &str, client_id: &str) -> u32 {
+pub fn provider_key(issuer: &str, client_id: &str) -> u32 {
     let bytes = issuer.bytes().chain([0]).chain(client_id.bytes());
     let h =
         bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));

@@ -21,6 +21,7 @@ pub unsafe extern "C" fn cmd_add_session_zone(
         let mut name = None;
         let mut size = 0usize;
         let mut timeout: i64 = 24 * 3600;
+        let mut timeout_given = false;
         let mut max_record = None;
 
         for arg in &args(cf)[1..] {
@@ -55,6 +56,7 @@ pub unsafe extern "C" fn cmd_add_session_zone(
                     return emerg!(cf, "invalid timeout \"{}\"", t);
                 }
                 timeout = parsed as i64;
+                timeout_given = true;
             } else {
                 return emerg!(cf, "invalid parameter \"{}\"", value);
             }
@@ -82,7 +84,8 @@ pub unsafe extern "C" fn cmd_add_session_zone(
             return emerg!(cf, "duplicate zone \"{}\"", name);
         }
         match SessionZone::add(cf, name, size, timeout, max_record) {
-            Ok(zone) => {
+            Ok(mut zone) => {
+                zone.timeout_given = timeout_given;
                 mcf.zones.push(zone);
                 CONF_OK
             }

@@ -9,7 +9,8 @@ use nginx_sys::{ngx_queue_empty, ngx_queue_t, ngx_rbtree_node_t};
 /// A session or a pending login in the slab; the record's bytes follow the struct.
 #[repr(C)]
 pub(super) struct Entry {
-    /// Logins: node in the pending-login tree, keyed by the state's key. Sessions: unused.
+    /// Logins: node in the pending-login tree, keyed by the state's key. Sessions with a
+    /// `sid`: node in `by_sid` (`data` is 1 then).
     pub(super) node: ngx_rbtree_node_t,
     /// Sessions: node in `by_sub`, keyed by a hash of `sub`. Logins: unused.
     pub(super) sub_node: ngx_rbtree_node_t,

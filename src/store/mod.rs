@@ -9,7 +9,8 @@
 //! - the sessions (`sessions`): an open-addressing hash index keyed by the first 8 bytes of the
 //!   random session id, so a lookup touches one or two cache lines whatever the number of
 //!   sessions (an rbtree over a million 2 KB entries costs a cache miss per level); an rbtree of
-//!   the same entries keyed by a hash of the `sub` claim (sign-out); an LRU queue (eviction when
+//!   the same entries keyed by a hash of the `sub` claim (sign-out), one keyed by a hash of the
+//!   `sid` claim (authentik's SESSION_END); an LRU queue (eviction when
 //!   the zone is full). Every session is bound to the provider that created it (a hash of issuer
 //!   and client_id): a lookup through another provider does not find it.
 //! - the pending logins (`logins`): a fixed array of slots allocated with the zone, so logins
@@ -54,6 +55,9 @@ pub trait SessionStore {
 
     /// Deletes every session whose `sub` is `sub`; returns how many.
     fn remove_by_sub(&self, sub: &str) -> usize;
+
+    /// Deletes every session whose `sid` is `sid` (authentik's SESSION_END); returns how many.
+    fn remove_by_sid(&self, sid: &str) -> usize;
 
     /// Stores a started login until its callback, at most `ttl` seconds; expired and then the
     /// oldest pending logins make room, never sessions.
@@ -104,6 +108,10 @@ impl SessionStore for SessionZone {
 
     fn remove_by_sub(&self, sub: &str) -> usize {
         sessions::remove_by_sub(self, sub)
+    }
+
+    fn remove_by_sid(&self, sid: &str) -> usize {
+        sessions::remove_by_sid(self, sid)
     }
 
     fn insert_login(&self, login: &PendingLogin, ttl: i64, now: UnixTime) -> Result<(), ZoneError> {

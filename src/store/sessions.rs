@@ -29,6 +29,10 @@ pub(super) struct SessionTable {
     index_len: usize,
     by_sub: ngx_rbtree_t,
     by_sub_sentinel: ngx_rbtree_node_t,
+    /// Sessions with a `sid`, keyed by a hash of it (authentik's SESSION_END); an entry's
+    /// `node.data` is 1 while it is in this tree.
+    by_sid: ngx_rbtree_t,
+    by_sid_sentinel: ngx_rbtree_node_t,
     lru: ngx_queue_t,
     count: usize,
     /// When the last "zone is full" warning was logged (any worker), seconds.
@@ -89,6 +93,10 @@ pub(super) fn insert(
         let e = entry.as_ptr();
         ptr::write_bytes(e, 0, 1);
         (*e).sub_node.key = sub_key(&record.sub) as _;
+        if let Some(sid) = &record.sid {
+            (*e).node.key = sub_key(sid) as _;
+            (*e).node.data = 1;
+        }
         (*e).id = id.0;
         (*e).expires_at = record.expires_at;
         (*e).provider = provider;
@@ -104,6 +112,9 @@ pub(super) fn insert(
     unsafe {
         let e = entry.as_ptr();
         ngx_rbtree_insert(&mut table.by_sub, &mut (*e).sub_node);
+        if (*e).node.data == 1 {
+            ngx_rbtree_insert(&mut table.by_sid, &mut (*e).node);
+        }
         ngx_queue_insert_after(&mut table.lru, &mut (*e).lru);
     }
     table.count += 1;
@@ -121,7 +132,7 @@ pub(super) fn remove_by_sub(zone: &SessionZone, sub: &str) -> usize {
     let lock = zone.lock();
     let (table, pool) = (&mut lock.header.sessions, &lock.pool);
     let mut removed = 0;
-    let mut node = table.first_by_sub(key);
+    let mut node = first_at_least(&table.by_sub, key);
     // SAFETY: nodes of `by_sub` are live nodes of the locked tree.
     while !node.is_null() && unsafe { (*node).key } as u64 == key {
         // Deleting a node relinks the tree but moves no other node: its successor stays valid.
@@ -131,6 +142,29 @@ pub(super) fn remove_by_sub(zone: &SessionZone, sub: &str) -> usize {
         let entry = unsafe { entry_of_sub_node(node) };
         // SAFETY: a live entry of the locked zone.
         if SessionRecord::peek_sub(unsafe { Entry::record(entry) }) == Some(sub) {
+            table.delete(pool, entry);
+            removed += 1;
+        }
+        node = next;
+    }
+    removed
+}
+
+/// Deletes every session whose `sid` is `sid`; returns how many.
+pub(super) fn remove_by_sid(zone: &SessionZone, sid: &str) -> usize {
+    let key = sub_key(sid);
+    let lock = zone.lock();
+    let (table, pool) = (&mut lock.header.sessions, &lock.pool);
+    let mut removed = 0;
+    let mut node = first_at_least(&table.by_sid, key);
+    // SAFETY: nodes of `by_sid` are live nodes of the locked tree.
+    while !node.is_null() && unsafe { (*node).key } as u64 == key {
+        // SAFETY: in-order successor in the locked tree; null after the last node.
+        let next = unsafe { ngx_rbtree_next(&mut table.by_sid, node) };
+        // SAFETY: nodes of `by_sid` are the `node` fields of live sessions.
+        let entry = unsafe { entry_of_sid_node(node) };
+        // SAFETY: a live entry of the locked zone.
+        if SessionRecord::peek_sid(unsafe { Entry::record(entry) }) == Some(sid.as_bytes()) {
             table.delete(pool, entry);
             removed += 1;
         }
@@ -172,6 +206,11 @@ impl SessionTable {
             ngx_rbtree_init(
                 &mut self.by_sub,
                 &mut self.by_sub_sentinel,
+                Some(ngx_rbtree_insert_value),
+            );
+            ngx_rbtree_init(
+                &mut self.by_sid,
+                &mut self.by_sid_sentinel,
                 Some(ngx_rbtree_insert_value),
             );
             ngx_queue_init(&mut self.lru);
@@ -239,29 +278,32 @@ impl SessionTable {
             let e = entry.as_ptr();
             index::remove(self.index_mut(), SessionId((*e).id).key());
             ngx_rbtree_delete(&mut self.by_sub, &mut (*e).sub_node);
+            if (*e).node.data == 1 {
+                ngx_rbtree_delete(&mut self.by_sid, &mut (*e).node);
+            }
             ngx_queue_remove(&mut (*e).lru);
             pool.free(entry.cast());
         }
         self.count -= 1;
     }
+}
 
-    /// The leftmost node of `by_sub` with a key >= `key`; null if none.
-    fn first_by_sub(&self, key: u64) -> *mut ngx_rbtree_node_t {
-        let sentinel = self.by_sub.sentinel;
-        let mut node = self.by_sub.root;
-        let mut first = ptr::null_mut();
-        while node != sentinel {
-            // SAFETY: walking live nodes of the locked tree.
-            let n = unsafe { &*node };
-            if n.key as u64 >= key {
-                first = node;
-                node = n.left;
-            } else {
-                node = n.right;
-            }
+/// The leftmost node of `tree` (of the locked zone) with a key >= `key`; null if none.
+fn first_at_least(tree: &ngx_rbtree_t, key: u64) -> *mut ngx_rbtree_node_t {
+    let sentinel = tree.sentinel;
+    let mut node = tree.root;
+    let mut first = ptr::null_mut();
+    while node != sentinel {
+        // SAFETY: walking live nodes of the locked tree.
+        let n = unsafe { &*node };
+        if n.key as u64 >= key {
+            first = node;
+            node = n.left;
+        } else {
+            node = n.right;
         }
-        first
     }
+    first
 }
 
 fn sub_key(sub: &str) -> u64 {
@@ -272,6 +314,13 @@ fn sub_key(sub: &str) -> u64 {
 /// Compares session ids in constant time, so timing reveals nothing about a guess.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     subtle::ConstantTimeEq::ct_eq(&a[..], &b[..]).into()
+}
+
+/// # Safety
+/// `node` is the `node` field of a live session `Entry` (in `by_sid`).
+unsafe fn entry_of_sid_node(node: *mut ngx_rbtree_node_t) -> NonNull<Entry> {
+    // SAFETY: the caller guarantees `node` is inside an Entry, so the result is not null.
+    unsafe { NonNull::new_unchecked((node as *mut u8).sub(offset_of!(Entry, node)) as _) }
 }
 
 /// # Safety

@@ -20,7 +20,7 @@ use crate::HttpAuthentikModule;
 
 /// Bumped whenever the shared layout changes: a reload that loads a module with another layout
 /// must not reuse the old zone's memory.
-const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e04;
+const MAGIC: u64 = 0x6e61_6b5f_7a6f_6e05;
 
 /// One `authentik_session_zone`, per configuration cycle.
 pub struct SessionZone {
@@ -28,6 +28,9 @@ pub struct SessionZone {
     pub size: usize,
     /// Upper bound of any session's lifetime, seconds.
     pub timeout: i64,
+    /// `timeout=` was written (else it is the default, which an outpost provider's
+    /// `access_token_validity` replaces).
+    pub timeout_given: bool,
     /// The largest session record stored, bytes (`max_record=`).
     pub max_record: usize,
     shm_zone: *mut ngx_shm_zone_t,
@@ -65,6 +68,7 @@ impl SessionZone {
             name,
             size,
             timeout,
+            timeout_given: false,
             max_record,
             shm_zone: ptr::null_mut(),
             shpool: ptr::null_mut(),

@@ -71,6 +71,36 @@ pub struct ProviderClient {
     timeout: Duration,
     /// When set, no call runs past it (the deadline of a whole login).
     deadline: Option<Instant>,
+    /// `Host` and `X-Forwarded-Proto` sent on every call (see `ProviderSettings`).
+    backchannel_host: Option<(String, String)>,
+}
+
+/// What every call to a provider or to authentik's API says it is.
+pub const USER_AGENT: &str = concat!("nginx-authentik/", env!("CARGO_PKG_VERSION"));
+
+/// An agent for calls to a provider or to authentik's API: per-call total deadline `timeout`,
+/// TLS via OpenSSL (native-tls) with the system roots or `ca_file`, no redirects followed, no
+/// connection reuse (a pooled connection would keep the deadline of the call that opened it).
+pub(crate) fn http_agent(
+    timeout: Duration,
+    ca_file: Option<&Path>,
+    user_agent: &str,
+) -> Result<Agent, ProviderError> {
+    let root_certs = match ca_file {
+        Some(path) => RootCerts::new_with_certs(&read_ca_file(path)?),
+        None => RootCerts::PlatformVerifier,
+    };
+    let tls = TlsConfig::builder().provider(TlsProvider::NativeTls).root_certs(root_certs).build();
+    let config = Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_idle_connections(0)
+        .max_idle_connections_per_host(0)
+        .timeout_global(Some(timeout))
+        .tls_config(tls)
+        .user_agent(user_agent)
+        .build();
+    Ok(Agent::with_parts(config, connector(), DefaultResolver::default()))
 }
 
 /// A provider answer read to the end.
@@ -103,24 +133,14 @@ impl ProviderClient {
     /// capped at `MAX_BODY`, no connection reuse (a pooled connection would keep the deadline of
     /// the call that opened it; a login makes at most four calls).
     pub fn new(settings: &ProviderSettings) -> Result<ProviderClient, ProviderError> {
-        let root_certs = match &settings.ca_file {
-            Some(path) => RootCerts::new_with_certs(&read_ca_file(path)?),
-            None => RootCerts::PlatformVerifier,
-        };
-        let tls =
-            TlsConfig::builder().provider(TlsProvider::NativeTls).root_certs(root_certs).build();
         let timeout = Duration::from_millis(settings.timeout_ms.max(1));
-        let config = Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .max_idle_connections(0)
-            .max_idle_connections_per_host(0)
-            .timeout_global(Some(timeout))
-            .tls_config(tls)
-            .user_agent(concat!("nginx-authentik/", env!("CARGO_PKG_VERSION")))
-            .build();
-        let agent = Agent::with_parts(config, connector(), DefaultResolver::default());
-        Ok(ProviderClient { agent, timeout, deadline: None })
+        let user_agent = match &settings.meta.user_agent_suffix {
+            Some(suffix) => format!("{USER_AGENT} {suffix}"),
+            None => USER_AGENT.to_owned(),
+        };
+        let agent = http_agent(timeout, settings.ca_file.as_deref(), &user_agent)?;
+        let backchannel_host = settings.backchannel_host.clone();
+        Ok(ProviderClient { agent, timeout, deadline: None, backchannel_host })
     }
 
     /// This client, with no call running past `deadline` (nor past its own timeout); an earlier
@@ -188,6 +208,9 @@ impl ProviderClient {
             .build()
             .header("Accept", "application/json")
             .header("Content-Type", "application/x-www-form-urlencoded");
+        if let Some((host, proto)) = &self.backchannel_host {
+            request = request.header("Host", host).header("X-Forwarded-Proto", proto);
+        }
         if discovery.use_basic_auth() {
             request = request
                 .header("Authorization", basic_auth(&settings.client_id, &settings.client_secret));
@@ -224,6 +247,9 @@ impl ProviderClient {
             .header("Accept", "application/json");
         if let Some(token) = bearer {
             request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        if let Some((host, proto)) = &self.backchannel_host {
+            request = request.header("Host", host).header("X-Forwarded-Proto", proto);
         }
         read_reply(url, request.call())
     }
@@ -442,6 +468,8 @@ mod tests {
             ca_file: None,
             post_logout_redirect: None,
             trusted_audiences: Vec::new(),
+            meta: Default::default(),
+            backchannel_host: None,
         }
     }
 

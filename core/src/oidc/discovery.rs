@@ -57,7 +57,7 @@ impl Discovery {
         Ok(discovery)
     }
 
-    fn check_endpoints(&self) -> Result<(), DiscoveryError> {
+    pub(crate) fn check_endpoints(&self) -> Result<(), DiscoveryError> {
         let required = [
             ("authorization_endpoint", Some(&self.authorization_endpoint)),
             ("token_endpoint", Some(&self.token_endpoint)),

@@ -573,6 +573,8 @@ pub(crate) mod tests {
             ca_file: None,
             post_logout_redirect: None,
             trusted_audiences: vec!["other".into()],
+            meta: Default::default(),
+            backchannel_host: None,
         };
         let expected = ExpectedClaims::new(&settings, NONCE, NOW);
         assert_eq!(expected.issuer, ISSUER);

@@ -36,11 +36,22 @@ pub struct MetadataCache {
 }
 
 impl MetadataCache {
+    /// A cache whose discovery document is `discovery`, for good: nothing fetches it.
+    pub fn with_discovery(discovery: Discovery) -> MetadataCache {
+        let cache = MetadataCache::default();
+        {
+            let mut state = cache.state();
+            state.discovery = Some((Arc::new(discovery), 0));
+            state.pinned = true;
+        }
+        cache
+    }
+
     /// The cached discovery document if it is younger than `DISCOVERY_TTL`. Never does I/O.
     pub fn fresh_discovery(&self, now: UnixTime) -> Option<Arc<Discovery>> {
         let state = self.state();
         let (discovery, fetched_at) = state.discovery.as_ref()?;
-        (now.saturating_sub(*fetched_at) < DISCOVERY_TTL).then(|| discovery.clone())
+        (state.pinned || now.saturating_sub(*fetched_at) < DISCOVERY_TTL).then(|| discovery.clone())
     }
     /// The cached discovery document, whatever its age (sign_out uses it when the provider is down).
     pub fn any_discovery(&self) -> Option<Arc<Discovery>> {
@@ -61,7 +72,7 @@ impl MetadataCache {
         let state = self.state();
         let cached = state.discovery.as_ref();
         if let Some((discovery, fetched_at)) = cached {
-            if now.saturating_sub(*fetched_at) < DISCOVERY_TTL {
+            if state.pinned || now.saturating_sub(*fetched_at) < DISCOVERY_TTL {
                 return Some(Ok(discovery.clone()));
             }
         }
@@ -188,6 +199,9 @@ struct CacheState {
     /// JWKS fetches made for a kid ("" for a token without one), oldest first, at most
     /// `MAX_KID_REFETCHES`: the per-kid rate limit of unknown kids.
     kid_fetches: VecDeque<(String, UnixTime)>,
+    /// The discovery document was given, not fetched (authentik's API hands it to an outpost):
+    /// it never goes stale.
+    pinned: bool,
 }
 
 impl CacheState {

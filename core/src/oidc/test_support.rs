@@ -32,6 +32,8 @@ pub(crate) fn settings(server: &TestServer) -> ProviderSettings {
         ca_file: None,
         post_logout_redirect: None,
         trusted_audiences: Vec::new(),
+        meta: Default::default(),
+        backchannel_host: None,
     }
 }
 
