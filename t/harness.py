@@ -899,3 +899,188 @@ server {{
     def login(self, browser: Browser, path="/", user="alice", host=None) -> requests.Response:
         r = browser.login(self.url(path, host), user)
         return r
+
+
+# --- the authentik emulator (authentik_emulator.py) ------------------------------------------
+class Authentik:
+    """t/authentik_emulator.py: authentik's outpost API, websocket and OAuth2 endpoints.
+
+    Its data lives in a state file under `workdir`, so restart() (same port) keeps the
+    providers, the outpost pk, the sessions and the token; stop() alone is "authentik down".
+    Helpers wrap the emulator's /__control/ endpoints (see its docstring).
+    """
+
+    DEFAULT_TOKEN = "nginx-authentik-test-token"
+
+    def __init__(self, workdir: Path, port: int = 0, token: str = DEFAULT_TOKEN, outpost_name: str = "nginx outpost",
+                 state_file: Path | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or None
+        self.requested_port = port
+        self.initial_token = token
+        self.token = token
+        self.outpost_name = outpost_name
+        self.state_file = Path(state_file) if state_file else self.workdir / "authentik-state.json"
+        self.proc = None
+        self.base_url = None
+
+    def start(self, timeout: float = 15.0) -> "Authentik":
+        port = self.port or self.requested_port
+        cmd = [sys.executable, str(T_DIR / "authentik_emulator.py"), "--port", str(port), "--token",
+               self.initial_token, "--outpost-name", self.outpost_name, "--state", str(self.state_file)]
+        self.stdout_path = self.workdir / "authentik.out"
+        self.stderr_path = self.workdir / "authentik.err"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.base_url = wait_ready_line(self.stdout_path, self.proc, timeout, "authentik emulator", self.stderr_path)
+        self.port = urllib.parse.urlsplit(self.base_url).port
+        return self
+
+    def stop(self):
+        kill_group(self.proc)
+        self.proc = None
+
+    def restart(self, timeout: float = 15.0) -> "Authentik":
+        """Stop and start again on the same port with the same data."""
+        self.stop()
+        return self.start(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str = "/", host: str | None = None) -> str:
+        return f"http://{host or '127.0.0.1'}:{self.port}{path}"
+
+    def write_token_file(self, path: Path, token: str | None = None) -> Path:
+        path = Path(path)
+        path.write_text((token if token is not None else self.token) + "\n")
+        return path
+
+    # -- the API as an outpost sees it --
+    def api(self, path: str, token: str | None = None, headers: dict | None = None, **kw) -> requests.Response:
+        h = {"Authorization": f"Bearer {self.token if token is None else token}",
+             "User-Agent": "goauthentik.io/outpost/test", **(headers or {})}
+        return requests.get(f"{self.origin}/api/v3/{path.lstrip('/')}", headers=h, timeout=10, **kw)
+
+    def outpost(self) -> dict:
+        return self._control("GET", "outpost")
+
+    def served_providers(self) -> list[dict]:
+        """Every ProxyOutpostConfig, fetched page by page as an outpost does."""
+        out, page = [], 1
+        while page:
+            r = self.api("outposts/proxy/", params={"page": page, "page_size": 100})
+            r.raise_for_status()
+            data = r.json()
+            out += data["results"]
+            page = data["pagination"]["next"]
+        return out
+
+    # -- control endpoints --
+    def _control(self, method: str, what: str, **kw):
+        r = requests.request(method, f"{self.origin}/__control/{what}", timeout=10, **kw)
+        if r.status_code >= 400:
+            raise RuntimeError(f"emulator {method} /__control/{what}: {r.status_code} {r.text[:500]}")
+        return r.json()
+
+    @staticmethod
+    def _notify(notify: bool) -> dict:
+        return {"notify": "1"} if notify else {}
+
+    def add_provider(self, name: str, slug: str | None = None, external_host: str = "", mode: str = "proxy",
+                     cookie_domain: str = "", skip_path_regex: str = "", global_issuer: bool = False,
+                     scopes: list | None = None, notify: bool = False, **fields) -> dict:
+        """Create a proxy provider (and its application, slug defaults to name); returns the
+        ProxyOutpostConfig as the API serves it (URLs on 127.0.0.1:PORT)."""
+        body = {"name": name, "slug": slug or name, "external_host": external_host, "mode": mode,
+                "cookie_domain": cookie_domain, "skip_path_regex": skip_path_regex, "global_issuer": global_issuer,
+                **fields}
+        if scopes is not None:
+            body["scopes"] = scopes
+        return self._control("POST", "providers", json=body, params=self._notify(notify))
+
+    def add_providers(self, providers: list[dict], notify: bool = False) -> list[dict]:
+        """Create many at once: each dict has the fields of add_provider (slug defaults to name)."""
+        body = [{"slug": p["name"], **p} for p in providers]
+        return self._control("POST", "providers", json=body, params=self._notify(notify))
+
+    def update_provider(self, name: str, /, notify: bool = False, **fields) -> dict:
+        """Change fields of provider `name` (a `name=` field renames it)."""
+        return self._control("PATCH", f"providers/{urllib.parse.quote(name, safe='')}", json=fields,
+                             params=self._notify(notify))
+
+    def remove_provider(self, name: str, notify: bool = False) -> dict:
+        return self._control("DELETE", f"providers/{urllib.parse.quote(name, safe='')}", params=self._notify(notify))
+
+    def providers(self) -> list[dict]:
+        return self._control("GET", "providers")
+
+    def set_outpost(self, name: str | None = None, config: dict | None = None, notify: bool = False) -> dict:
+        body = {}
+        if name is not None:
+            body["name"] = name
+        if config is not None:
+            body["config"] = config
+        return self._control("POST", "outpost", json=body, params=self._notify(notify))
+
+    def trigger_update(self) -> int:
+        return self._control("POST", "trigger_update")["notified"]
+
+    def session_end(self, username: str | None = None, session_id: str | None = None) -> dict:
+        body = {"username": username} if username is not None else {"session_id": session_id}
+        return self._control("POST", "session_end", json=body)
+
+    def drop_websockets(self, abort: bool = False) -> int:
+        return self._control("POST", "drop_websockets", json={"abort": abort})["dropped"]
+
+    def api_calls(self, reset: bool = False) -> dict:
+        return self._control("GET", "api_calls", params={"reset": "1"} if reset else {})
+
+    def reset_api_calls(self):
+        return self._control("POST", "api_calls/reset")
+
+    def websockets(self) -> dict:
+        return self._control("GET", "websockets")
+
+    def set_token(self, token: str):
+        self.token = token
+        return self._control("POST", "token", json={"token": token})
+
+    def sessions(self) -> list[dict]:
+        return self._control("GET", "sessions")
+
+    def app_password(self, username: str, password: str):
+        return self._control("POST", "app_password", json={"username": username, "password": password})
+
+    def faults(self, **kw):
+        return self._control("POST", "faults", json=kw)
+
+    def events(self) -> list[dict]:
+        return self._control("GET", "events")
+
+    def tokens(self) -> list[dict]:
+        return self._control("GET", "tokens")
+
+    def reset(self):
+        self.token = self.initial_token
+        return self._control("POST", "reset")
+
+    def wait_websocket(self, pred, timeout: float = 10.0, what: str = "websocket condition") -> dict:
+        """Poll websockets() until pred(view) is true; returns that view."""
+        deadline = time.monotonic() + timeout
+        view = None
+        while time.monotonic() < deadline:
+            view = self.websockets()
+            if pred(view):
+                return view
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: not seen within {timeout}s; last view: "
+                             f"{json.dumps(view and view.get('connections'), default=str)[:3000]}")
