@@ -21,6 +21,7 @@ use core::ffi::c_void;
 use core::ptr;
 use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use authentik_core::oidc::{LoginError, PendingLogin, ProviderError};
@@ -31,6 +32,8 @@ use nginx_sys::{
     ngx_http_test_reading, ngx_log_t, ngx_pool_cleanup_add, ngx_thread_pool_t,
     ngx_thread_task_post, ngx_thread_task_t, NGX_OK,
 };
+
+use crate::provider::Provider;
 
 /// Requests that may wait for one provider's discovery fetch in one worker; beyond, 503.
 pub const MAX_DISCOVERY_WAITERS: usize = 256;
@@ -88,8 +91,13 @@ pub struct CallHandle {
     /// The suspended request; null once it has been freed.
     request: *mut ngx_http_request_t,
     runtime: Arc<ProviderRuntime>,
-    /// The provider's `CallState`, which lives in the configuration as long as the worker.
+    /// The provider's `CallState`: in the configuration as long as the worker, or in an
+    /// outpost provider that `keep` holds.
     state: *const CallState,
+    /// An outpost provider (reference-counted, see `outpost`) kept alive while the call is,
+    /// even after its request is gone and a new configuration replaced it. Only held.
+    #[allow(dead_code)]
+    keep: Option<Rc<Provider>>,
     call: Option<Call>,
     /// The thread panicked (a bug); its message. Set before the completion event.
     panicked: Option<String>,
@@ -130,6 +138,7 @@ pub fn start(
     pool: *mut ngx_thread_pool_t,
     runtime: &Arc<ProviderRuntime>,
     state: &CallState,
+    keep: Option<Rc<Provider>>,
     call: Call,
 ) -> Result<*mut CallHandle, CallError> {
     let wait = matches!(call, Call::Discovery { .. }) && state.discovery_in_flight();
@@ -139,7 +148,7 @@ pub fn start(
     if !wait && state.in_flight.get() >= state.max_in_flight {
         return Err(CallError::Busy);
     }
-    let handle = new_handle(r, runtime, state, call)?;
+    let handle = new_handle(r, runtime, state, keep, call)?;
     if wait {
         state.push_waiter(handle);
     } else {
@@ -178,6 +187,7 @@ fn new_handle(
     r: &mut ngx_http_request_t,
     runtime: &Arc<ProviderRuntime>,
     state: &CallState,
+    keep: Option<Rc<Provider>>,
     call: Call,
 ) -> Result<*mut CallHandle, CallError> {
     // SAFETY: a zeroed ngx_thread_task_t is what ngx_thread_task_alloc() hands out.
@@ -187,6 +197,7 @@ fn new_handle(
         request: r,
         runtime: runtime.clone(),
         state,
+        keep,
         call: Some(call),
         panicked: None,
         finished: false,

@@ -3,6 +3,9 @@
 //! sign-out. Every wait for the provider is a `call::Call` started here and continued in
 //! `resume`.
 
+use core::ptr;
+use std::rc::Rc;
+
 use authentik_core::cookie::{self, CookieAttributes};
 use authentik_core::oidc::login::end_session_url;
 use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
@@ -186,7 +189,10 @@ fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
         Call::Discovery { then: AfterDiscovery::SignOut { .. }, .. } => action::SIGN_OUT,
         Call::Discovery { .. } => action::START_LOGIN,
     };
-    match call::start(r, pool, &provider.runtime, &provider.calls, call) {
+    // An outpost provider stays alive with the call (the request may go first).
+    let keep = ctx::get(r)
+        .and_then(|ctx| ctx.held.iter().find(|p| ptr::eq(Rc::as_ptr(p), provider)).cloned());
+    match call::start(r, pool, &provider.runtime, &provider.calls, keep, call) {
         Ok(handle) => {
             let Some(ctx) = ctx::get(r) else {
                 return INTERNAL_ERROR;
