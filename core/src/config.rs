@@ -122,6 +122,18 @@ pub struct ProviderSettings {
     /// another address than browsers use (`browser_url`): authentik builds the tokens' `iss`
     /// from the request's host, so it must be the host of the issuer browsers see.
     pub backchannel_host: Option<(String, String)>,
+    /// HTTP Basic credentials for the upstream, from the user's attributes (authentik's
+    /// `basic_auth_*`).
+    pub basic_auth: Option<BasicAuthAttributes>,
+}
+
+/// Which of the user's attributes (`ak_proxy.user_attributes`) make the upstream's
+/// `Authorization: Basic`: the password attribute (no header when it is empty or missing) and
+/// the user attribute (the email when it is not a string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasicAuthAttributes {
+    pub user_attribute: String,
+    pub password_attribute: String,
 }
 
 /// What `X-authentik-meta-outpost`, `-provider` and `-app` say, and how calls name the provider.
@@ -265,6 +277,7 @@ mod tests {
             trusted_audiences: Vec::new(),
             meta: Default::default(),
             backchannel_host: None,
+            basic_auth: None,
         }
     }
 

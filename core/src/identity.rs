@@ -1,6 +1,10 @@
 //! authentik's identity headers: which names, what values, and which client headers to remove.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use serde_json::{Map, Value};
+
+use crate::config::BasicAuthAttributes;
 
 /// Where an identity header's value comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +109,86 @@ impl Identity {
     pub fn username(&self) -> &str {
         &self.values[field::USERNAME]
     }
+
+    /// Adds the upstream's `Authorization: Basic` from the user's attributes (authentik's
+    /// `basic_auth_*`): the password attribute (nothing when it is missing, empty or not a
+    /// string), the user attribute, else the email. An `Authorization` from additionalHeaders
+    /// wins, as in authentik, where those are applied last.
+    pub fn add_basic_auth(
+        &mut self,
+        claims: &Map<String, Value>,
+        attributes: &BasicAuthAttributes,
+    ) {
+        let user_attributes = claims.get("ak_proxy").and_then(|p| p.get("user_attributes"));
+        let attribute = |name: &str| {
+            user_attributes.and_then(|a| a.get(name)).and_then(Value::as_str).map(strip_control)
+        };
+        let Some(password) = attribute(&attributes.password_attribute).filter(|p| !p.is_empty())
+        else {
+            return;
+        };
+        let user = attribute(&attributes.user_attribute)
+            .or_else(|| claims.get("email").and_then(Value::as_str).map(strip_control))
+            .unwrap_or_default();
+        if self.additional.iter().any(|(name, _)| name.eq_ignore_ascii_case("authorization")) {
+            return;
+        }
+        let credentials = STANDARD.encode(format!("{user}:{password}"));
+        self.additional.push(("Authorization".to_owned(), format!("Basic {credentials}")));
+    }
+}
+
+/// `ak_proxy.backend_override` and `ak_proxy.host_header` (set by custom scope mappings, fixed
+/// at login) as `$authentik_backend` and `$authentik_host_header` read them.
+pub const BACKEND_OVERRIDE: &str = "/ak_proxy/backend_override";
+pub const HOST_HEADER: &str = "/ak_proxy/host_header";
+
+/// Checks the login's `ak_proxy.backend_override` (an absolute http(s) URL) and `host_header`
+/// (a host, optionally with a port): a value that is not is removed from the claims, with a
+/// message saying why. Returns the claims to store when something was removed.
+pub fn check_proxy_overrides(claims_json: &str) -> (Option<String>, Vec<String>) {
+    let Ok(Value::Object(mut claims)) = serde_json::from_str::<Value>(claims_json) else {
+        return (None, Vec::new());
+    };
+    let Some(Value::Object(proxy)) = claims.get_mut("ak_proxy") else {
+        return (None, Vec::new());
+    };
+    let mut warnings = Vec::new();
+    if let Some(value) = proxy.get("backend_override") {
+        let ok = value.as_str().is_some_and(|s| {
+            url::Url::parse(s).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host_str().is_some_and(|h| !h.is_empty())
+            }) && !s.contains(|c: char| c.is_whitespace() || c.is_control())
+        });
+        if !ok {
+            warnings.push(format!(
+                "ak_proxy.backend_override {value} is not an http or https URL, ignored"
+            ));
+            proxy.remove("backend_override");
+        }
+    }
+    if let Some(value) = proxy.get("host_header") {
+        let ok = value.as_str().is_some_and(|s| {
+            !s.is_empty()
+                && s.len() <= 255
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+        });
+        if !ok {
+            warnings.push(format!("ak_proxy.host_header {value} is not a host name, ignored"));
+            proxy.remove("host_header");
+        }
+    }
+    if warnings.is_empty() {
+        return (None, warnings);
+    }
+    (Some(Value::Object(claims).to_string()), warnings)
+}
+
+/// The string at `pointer` in `claims_json`, if any.
+pub fn claim_at(claims_json: &[u8], pointer: &str) -> Option<String> {
+    let claims: Value = serde_json::from_slice(claims_json).ok()?;
+    claims.pointer(pointer)?.as_str().map(strip_control)
 }
 
 /// `true` when a client-sent header name must be removed before the upstream sees the request:
@@ -193,6 +277,69 @@ pub fn is_token(name: &str) -> bool {
 
 fn is_tchar(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn basic_auth_comes_from_attributes() {
+        let claims = json!({"email": "a@example.test", "ak_proxy": {"user_attributes": {
+            "pw": "s3cret", "login": "alice-login", "n": 5}}});
+        let claims = claims.as_object().unwrap();
+        let attrs = |u: &str, p: &str| BasicAuthAttributes {
+            user_attribute: u.into(),
+            password_attribute: p.into(),
+        };
+        let mut id = Identity::default();
+        id.add_basic_auth(claims, &attrs("login", "pw"));
+        assert_eq!(
+            id.additional,
+            [(
+                "Authorization".to_owned(),
+                format!("Basic {}", STANDARD.encode("alice-login:s3cret"))
+            )]
+        );
+        let mut id = Identity::default();
+        id.add_basic_auth(claims, &attrs("n", "pw")); // not a string: the email
+        assert_eq!(
+            id.additional[0].1,
+            format!("Basic {}", STANDARD.encode("a@example.test:s3cret"))
+        );
+        let mut id = Identity::default();
+        id.add_basic_auth(claims, &attrs("login", "missing"));
+        assert!(id.additional.is_empty());
+        let mut id = Identity {
+            additional: vec![("authorization".into(), "x".into())],
+            ..Identity::default()
+        };
+        id.add_basic_auth(claims, &attrs("login", "pw"));
+        assert_eq!(id.additional.len(), 1);
+    }
+
+    #[test]
+    fn proxy_overrides_are_checked() {
+        let good = r#"{"ak_proxy":{"backend_override":"http://10.0.0.1:8080","host_header":"app.internal:8080"}}"#;
+        assert_eq!(check_proxy_overrides(good), (None, vec![]));
+        assert_eq!(
+            claim_at(good.as_bytes(), BACKEND_OVERRIDE).as_deref(),
+            Some("http://10.0.0.1:8080")
+        );
+        assert_eq!(claim_at(good.as_bytes(), HOST_HEADER).as_deref(), Some("app.internal:8080"));
+        let bad =
+            r#"{"ak_proxy":{"backend_override":"file:///etc/passwd","host_header":"a b"},"x":1}"#;
+        let (fixed, warnings) = check_proxy_overrides(bad);
+        assert_eq!(warnings.len(), 2);
+        let fixed = fixed.unwrap();
+        assert_eq!(claim_at(fixed.as_bytes(), BACKEND_OVERRIDE), None);
+        assert_eq!(claim_at(fixed.as_bytes(), HOST_HEADER), None);
+        assert!(fixed.contains("\"x\":1"));
+        let (_, w) = check_proxy_overrides(r#"{"ak_proxy":{"backend_override":42}}"#);
+        assert_eq!(w.len(), 1);
+        assert_eq!(check_proxy_overrides("{}"), (None, vec![]));
+    }
 }
 
 #[cfg(test)]

@@ -276,6 +276,7 @@ fn build_provider(
         trusted_audiences: block.trusted_audiences.unwrap_or_default(),
         meta: ProviderMeta::of_block(&name),
         backchannel_host: None,
+        basic_auth: None,
     };
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));

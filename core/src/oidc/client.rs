@@ -75,6 +75,25 @@ pub struct ProviderClient {
     backchannel_host: Option<(String, String)>,
 }
 
+/// How a form POST authenticates the client.
+enum ClientAuth<'a> {
+    Basic(&'a str, &'a str),
+    Post(&'a str, &'a str),
+    None,
+}
+
+impl<'a> ClientAuth<'a> {
+    /// `client_secret_basic` unless the provider lists only `client_secret_post`.
+    fn of(settings: &'a ProviderSettings, discovery: &Discovery) -> ClientAuth<'a> {
+        let (id, secret) = (settings.client_id.as_str(), settings.client_secret.as_str());
+        if discovery.use_basic_auth() {
+            ClientAuth::Basic(id, secret)
+        } else {
+            ClientAuth::Post(id, secret)
+        }
+    }
+}
+
 /// What every call to a provider or to authentik's API says it is.
 pub const USER_AGENT: &str = concat!("nginx-authentik/", env!("CARGO_PKG_VERSION"));
 
@@ -193,12 +212,57 @@ impl ProviderClient {
         verifier: &str,
         redirect_uri: &str,
     ) -> Result<TokenResponse, ProviderError> {
-        let url = discovery.token_endpoint.as_str();
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", "authorization_code")
             .append_pair("code", code)
             .append_pair("redirect_uri", redirect_uri)
             .append_pair("code_verifier", verifier);
+        let auth = ClientAuth::of(settings, discovery);
+        let reply = self.post_form(&discovery.token_endpoint, form, auth)?;
+        parse_token_response(&reply)
+    }
+
+    /// RFC 7662 introspection of `token` (client authentication as for the token endpoint);
+    /// the answer's JSON object, whatever `active` says.
+    pub fn introspect(
+        &self,
+        settings: &ProviderSettings,
+        discovery: &Discovery,
+        endpoint: &str,
+        token: &str,
+    ) -> Result<Map<String, Value>, ProviderError> {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("token", token);
+        let reply = self.post_form(endpoint, form, ClientAuth::of(settings, discovery))?;
+        reply.json_object()
+    }
+
+    /// authentik's app-password login: the `client_credentials` grant with `username`,
+    /// `password` and the provider's scopes, and `client_id` but no secret (authentik checks
+    /// the user's app password, not the client). Requires an id_token in the answer.
+    pub fn client_credentials(
+        &self,
+        settings: &ProviderSettings,
+        discovery: &Discovery,
+        username: &str,
+        password: &str,
+    ) -> Result<TokenResponse, ProviderError> {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials")
+            .append_pair("client_id", &settings.client_id)
+            .append_pair("username", username)
+            .append_pair("password", password)
+            .append_pair("scope", &settings.scopes.join(" "));
+        let reply = self.post_form(&discovery.token_endpoint, form, ClientAuth::None)?;
+        parse_token_response(&reply)
+    }
+
+    fn post_form(
+        &self,
+        url: &str,
+        mut form: form_urlencoded::Serializer<'_, String>,
+        auth: ClientAuth<'_>,
+    ) -> Result<Reply, ProviderError> {
         let left = self.time_left(url)?;
         let mut request = self
             .agent
@@ -211,15 +275,16 @@ impl ProviderClient {
         if let Some((host, proto)) = &self.backchannel_host {
             request = request.header("Host", host).header("X-Forwarded-Proto", proto);
         }
-        if discovery.use_basic_auth() {
-            request = request
-                .header("Authorization", basic_auth(&settings.client_id, &settings.client_secret));
-        } else {
-            form.append_pair("client_id", &settings.client_id)
-                .append_pair("client_secret", &settings.client_secret);
+        match auth {
+            ClientAuth::Basic(id, secret) => {
+                request = request.header("Authorization", basic_auth(id, secret));
+            }
+            ClientAuth::Post(id, secret) => {
+                form.append_pair("client_id", id).append_pair("client_secret", secret);
+            }
+            ClientAuth::None => {}
         }
-        let reply = read_reply(url, request.send(form.finish().as_bytes()))?;
-        parse_token_response(&reply)
+        read_reply(url, request.send(form.finish().as_bytes()))
     }
 
     /// GET userinfo with the access token as Bearer; accepts only `application/json` objects.
@@ -470,6 +535,7 @@ mod tests {
             trusted_audiences: Vec::new(),
             meta: Default::default(),
             backchannel_host: None,
+            basic_auth: None,
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Discovery {
     pub end_session_endpoint: Option<String>,
     #[serde(default)]
     pub jwks_uri: Option<String>,
+    /// RFC 7662 token introspection (header authentication with a Bearer token).
+    #[serde(default)]
+    pub introspection_endpoint: Option<String>,
     #[serde(default)]
     pub id_token_signing_alg_values_supported: Vec<String>,
     #[serde(default)]
@@ -64,6 +67,7 @@ impl Discovery {
             ("userinfo_endpoint", self.userinfo_endpoint.as_ref()),
             ("end_session_endpoint", self.end_session_endpoint.as_ref()),
             ("jwks_uri", self.jwks_uri.as_ref()),
+            ("introspection_endpoint", self.introspection_endpoint.as_ref()),
         ];
         for (name, value) in required {
             let Some(value) = value else {

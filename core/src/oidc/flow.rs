@@ -79,11 +79,15 @@ pub fn complete_login(
         claims.extend(userinfo);
     }
     let expires_at = session_expiry(&tokens, &id_claims, max_lifetime, now);
+    let mut identity = Identity::from_claims(&claims, &tokens.access_token);
+    if let Some(attributes) = &settings.basic_auth {
+        identity.add_basic_auth(&claims, attributes);
+    }
     let mut record = SessionRecord {
         sub: string_claim(&id_claims, "sub").unwrap_or_default(),
         sid: string_claim(&id_claims, "sid"),
         expires_at,
-        identity: Identity::from_claims(&claims, &tokens.access_token),
+        identity,
         id_token: tokens.id_token,
         claims_json: Value::Object(claims).to_string(),
     };

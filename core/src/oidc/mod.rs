@@ -4,6 +4,7 @@
 pub mod client;
 pub mod discovery;
 pub mod flow;
+pub mod header_auth;
 pub mod jwt;
 pub mod login;
 pub mod metadata;

@@ -34,6 +34,7 @@ pub(crate) fn settings(server: &TestServer) -> ProviderSettings {
         trusted_audiences: Vec::new(),
         meta: Default::default(),
         backchannel_host: None,
+        basic_auth: None,
     }
 }
 

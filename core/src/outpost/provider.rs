@@ -10,7 +10,9 @@
 use url::Url;
 
 use crate::config::DEFAULT_SCOPES;
-use crate::config::{parse_cookie_domain, parse_http_url, Mode, ProviderMeta, ProviderSettings};
+use crate::config::{
+    parse_cookie_domain, parse_http_url, BasicAuthAttributes, Mode, ProviderMeta, ProviderSettings,
+};
 use crate::oidc::Discovery;
 use crate::outpost::api::{OutpostInfo, ProxyProvider};
 use crate::outpost::OutpostOptions;
@@ -77,6 +79,7 @@ pub fn build(
         userinfo_endpoint: optional(&oidc.userinfo_endpoint),
         end_session_endpoint: optional(&to_browser(&oidc.end_session_endpoint)),
         jwks_uri: optional(&oidc.jwks_uri),
+        introspection_endpoint: optional(&oidc.introspection_endpoint),
         id_token_signing_alg_values_supported: oidc.id_token_signing_alg_values_supported.clone(),
         token_endpoint_auth_methods_supported: oidc.token_endpoint_auth_methods_supported.clone(),
     };
@@ -113,6 +116,12 @@ pub fn build(
             user_agent_suffix: Some(format!("(provider={})", p.name)),
         },
         backchannel_host: browser.and_then(backchannel_host),
+        basic_auth: (p.basic_auth_enabled && !p.basic_auth_password_attribute.is_empty()).then(
+            || BasicAuthAttributes {
+                user_attribute: p.basic_auth_user_attribute.clone(),
+                password_attribute: p.basic_auth_password_attribute.clone(),
+            },
+        ),
     };
     settings.validate().map_err(|e| invalid(e.to_string()))?;
     let patterns: Vec<String> = p
