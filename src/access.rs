@@ -13,6 +13,7 @@ use authentik_core::config::Mode;
 use authentik_core::page::error_page;
 use authentik_core::paths::UnauthPaths;
 use authentik_core::request::{is_navigation, query_arg};
+use authentik_core::session::SessionView;
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
     ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_DECLINED, NGX_HTTP_NOT_FOUND,
@@ -21,8 +22,9 @@ use nginx_sys::{
 use ngx::core::Status;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
-use crate::call::Finished;
+use crate::call::{Call, Finished};
 use crate::conf::{LocationConf, MainConf, OutpostTarget};
+use crate::header_auth::{self, HeaderAuth};
 use crate::log::action;
 use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
@@ -94,6 +96,15 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         }
         ctx.call = ptr::null_mut();
         return match handle.take() {
+            Some(Finished::Done(Call::HeaderAuth { cache_id, result, .. })) => {
+                match header_auth::finished(r, provider, &cache_id, result) {
+                    HeaderAuth::Authenticated(view) => pass(r, provider, view, true),
+                    _ => {
+                        let stale_cookie = session::scan(r, provider, false).copies > 0;
+                        unauthenticated(r, lcf, provider, stale_cookie, true)
+                    }
+                }
+            }
             Some(Finished::Done(call)) => login::resume(r, provider, call),
             Some(Finished::Panicked(msg)) => {
                 request_log!(
@@ -139,24 +150,61 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     if is_callback {
         return login::callback(r, provider);
     }
+    // authentik's sign-out signature, on any URL (forward auth passes it through).
+    if !args.is_empty()
+        && query_arg(args, b"X-authentik-logout").is_some_and(|v| v.eq_ignore_ascii_case(b"true"))
+    {
+        return login::sign_out(r, provider);
+    }
     if cookies.copies > 1 {
         // Copies of the cookie from other scopes (authentik's own outpost sets `Domain=`):
         // expire them where they may live, so the browser stops sending them.
         response::expire_stale_cookie_scopes(r, provider);
     }
     if let Some(session) = session {
-        if !headers::set_identity(r, provider, &session) {
-            return INTERNAL_ERROR;
-        }
-        let Some(ctx) = ctx::get(r) else {
-            return INTERNAL_ERROR;
-        };
-        ctx.session = Some(session);
-        ctx.done_for = provider;
-        return NGX_DECLINED as ngx_int_t;
+        return pass(r, provider, session, false);
     }
     let stale_cookie = cookies.copies > 0;
+    match header_auth::authenticate(r, provider) {
+        HeaderAuth::Absent => unauthenticated(r, lcf, provider, stale_cookie, false),
+        HeaderAuth::Authenticated(view) => pass(r, provider, view, true),
+        HeaderAuth::Failed => unauthenticated(r, lcf, provider, stale_cookie, true),
+        HeaderAuth::Pending(rc) => rc,
+    }
+}
 
+/// An authenticated request goes on: identity headers set (and, after header authentication,
+/// `Authorization` removed), the session remembered for variables and later passes.
+fn pass(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    session: SessionView<'static>,
+    by_header: bool,
+) -> ngx_int_t {
+    if by_header && !header_auth::remove_authorization(r) {
+        return INTERNAL_ERROR;
+    }
+    if !headers::set_identity(r, provider, &session) {
+        return INTERNAL_ERROR;
+    }
+    let Some(ctx) = ctx::get(r) else {
+        return INTERNAL_ERROR;
+    };
+    ctx.session = Some(session);
+    ctx.done_for = provider;
+    NGX_DECLINED as ngx_int_t
+}
+
+/// No session: an unauthenticated path passes; a refused `Authorization` header gets a `401`
+/// page when the provider intercepts header authentication; else `401` (not a navigation) or
+/// the login redirect.
+fn unauthenticated(
+    r: &mut ngx_http_request_t,
+    lcf: &LocationConf,
+    provider: &Provider,
+    stale_cookie: bool,
+    header_refused: bool,
+) -> ngx_int_t {
     if lcf.target.is_none() {
         if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
             return NGX_DECLINED as ngx_int_t;
@@ -170,7 +218,11 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
             return NGX_DECLINED as ngx_int_t;
         }
     }
-
+    if header_refused && provider.intercept_header_auth {
+        add_challenges(r, provider);
+        let msg = "The Authorization header was not accepted, so no login redirect is made.";
+        return response::page(r, provider, NGX_HTTP_UNAUTHORIZED, "Unauthenticated", msg, false);
+    }
     let navigation = is_navigation(
         http::request_header(r, b"sec-fetch-mode"),
         http::request_header(r, b"x-requested-with"),
@@ -180,13 +232,22 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         if stale_cookie {
             response::expire_session_cookie(r, provider);
         }
-        let challenge = format!("Bearer realm=\"{}\"", provider.settings().name);
-        http::add_response_header(r, &http::WWW_AUTHENTICATE, challenge.as_bytes());
+        add_challenges(r, provider);
         response::discard_body(r);
         return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
     }
     let return_to = login::return_url(r, provider);
     login::start(r, provider, return_to, stale_cookie)
+}
+
+/// `WWW-Authenticate` for what header authentication accepts: a Bearer token, or Basic with
+/// an authentik app password.
+fn add_challenges(r: &mut ngx_http_request_t, provider: &Provider) {
+    let realm = provider.settings().name.replace(['"', '\\'], "");
+    for scheme in ["Bearer", "Basic"] {
+        let challenge = format!("{scheme} realm=\"{realm}\"");
+        http::add_response_header(r, &http::WWW_AUTHENTICATE, challenge.as_bytes());
+    }
 }
 
 /// The provider of a location whose provider is chosen per request (`auth_authentik auto`, or

@@ -24,9 +24,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
 
+use authentik_core::oidc::header_auth::{self, Credentials, HeaderAuthError};
 use authentik_core::oidc::{LoginError, PendingLogin, ProviderError};
 use authentik_core::provider::ProviderRuntime;
-use authentik_core::session::SessionRecord;
+use authentik_core::session::{SessionId, SessionRecord};
 use nginx_sys::{
     ngx_event_t, ngx_http_block_reading, ngx_http_request_t, ngx_http_run_posted_requests,
     ngx_http_test_reading, ngx_log_t, ngx_pool_cleanup_add, ngx_thread_pool_t,
@@ -58,6 +59,13 @@ pub enum Call {
         max_lifetime: i64,
         login_cookie: String,
         result: Option<Result<Box<SessionRecord>, LoginError>>,
+    },
+    /// Check an `Authorization` header with the provider (introspection, or authentik's app
+    /// password grant), then cache the answer under `cache_id` and continue.
+    HeaderAuth {
+        credentials: Credentials,
+        cache_id: SessionId,
+        result: Option<Result<Box<SessionRecord>, HeaderAuthError>>,
     },
 }
 
@@ -271,6 +279,10 @@ fn run(runtime: &ProviderRuntime, call: &mut Call) {
         }
         Call::Login { login, code, max_lifetime, result, .. } => {
             let record = runtime.complete_login(login, code, *max_lifetime, now);
+            *result = Some(record.map(Box::new));
+        }
+        Call::HeaderAuth { credentials, result, .. } => {
+            let record = header_auth::authenticate(runtime.context(), credentials, now);
             *result = Some(record.map(Box::new));
         }
     }

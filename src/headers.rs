@@ -37,6 +37,7 @@ const META_PROVIDER: HeaderName =
 const META_APP: HeaderName = HeaderName::new("X-authentik-meta-app", "x-authentik-meta-app");
 const META_VERSION: HeaderName =
     HeaderName::new("X-authentik-meta-version", "x-authentik-meta-version");
+const META_JWKS: HeaderName = HeaderName::new("X-authentik-meta-jwks", "x-authentik-meta-jwks");
 const FORWARDED_HOST: HeaderName = HeaderName::new("X-Forwarded-Host", "x-forwarded-host");
 
 /// Removes forged identity headers; with a `session`, also the client's copies of the headers
@@ -80,18 +81,40 @@ pub fn set_identity(
 ) -> bool {
     let meta = &provider.settings().meta;
     let host = http::host_bytes(r);
+    // An additionalHeaders entry named like a standard header replaces it.
+    let replaced = |name: &HeaderName| {
+        session.additional().any(|(own, _)| header_names_equal(own, name.lowercase.as_bytes()))
+    };
     let mut ok = true;
     // SAFETY: every borrowed value outlives the request's headers (see above).
     unsafe {
         for (name, value) in IDENTITY_HEADER_NAMES.iter().zip(session.values.iter()) {
-            ok &= http::add_request_header_borrowed(r, name, value);
+            if !replaced(name) {
+                ok &= http::add_request_header_borrowed(r, name, value);
+            }
         }
-        ok &= http::add_request_header_borrowed(r, &META_OUTPOST, meta.outpost.as_bytes());
-        ok &= http::add_request_header_borrowed(r, &META_PROVIDER, meta.provider.as_bytes());
-        ok &= http::add_request_header_borrowed(r, &META_APP, meta.app.as_bytes());
-        ok &= http::add_request_header_borrowed(r, &META_VERSION, outpost::META_VERSION.as_bytes());
-        if provider.settings().mode == Mode::Proxy {
+        let metas = [
+            (&META_OUTPOST, meta.outpost.as_bytes()),
+            (&META_PROVIDER, meta.provider.as_bytes()),
+            (&META_APP, meta.app.as_bytes()),
+            (&META_VERSION, outpost::META_VERSION.as_bytes()),
+        ];
+        for (name, value) in metas {
+            if !replaced(name) {
+                ok &= http::add_request_header_borrowed(r, name, value);
+            }
+        }
+        if provider.settings().mode == Mode::Proxy && !replaced(&FORWARDED_HOST) {
             ok &= http::add_request_header_borrowed(r, &FORWARDED_HOST, host);
+        }
+    }
+    // The provider's keys (from its discovery document: authentik's API, or this worker's
+    // fetch), copied: the cached document may be replaced while the request lives.
+    if !replaced(&META_JWKS) {
+        if let Some(discovery) = provider.runtime.cache.any_discovery() {
+            if let Some(jwks) = discovery.jwks_uri.as_deref() {
+                ok &= http::add_request_header_dyn(r, META_JWKS.name.as_bytes(), jwks.as_bytes());
+            }
         }
     }
     for (name, value) in session.additional() {

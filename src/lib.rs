@@ -8,6 +8,7 @@
 // - `store`: the session store in shared memory (sessions and pending logins);
 // - `access`: the access-phase handler, the access decision for every request;
 // - `headers`: which client headers are removed, which identity headers are set;
+// - `header_auth`: `Authorization: Bearer|Basic` checked with the provider, cached in the zone;
 // - `router`: the `/outpost.goauthentik.io/*` endpoints;
 // - `login`: the login round trip (start, callback, new session, sign-out);
 // - `call`: calls to the identity provider on nginx's thread pool;
@@ -37,6 +38,7 @@ mod background;
 mod call;
 mod conf;
 mod ctx;
+mod header_auth;
 mod headers;
 mod http;
 mod log;

@@ -7,6 +7,7 @@ use core::ptr;
 use std::rc::Rc;
 
 use authentik_core::cookie::{self, CookieAttributes};
+use authentik_core::identity::check_proxy_overrides;
 use authentik_core::oidc::login::end_session_url;
 use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
 use authentik_core::redirect::{validate_return_to, MAX_RETURN_URL};
@@ -179,13 +180,14 @@ fn finish_sign_out(
 
 /// Starts a provider call and suspends the request; a full queue or a failed post answers
 /// with a page.
-fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ngx_int_t {
+pub fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ngx_int_t {
     let Some(mcf) = HttpAuthentikModule::main_conf(r) else {
         return INTERNAL_ERROR;
     };
     let pool = mcf.thread_pool;
     let what = match &call {
         Call::Login { .. } => action::CALLBACK,
+        Call::HeaderAuth { .. } => action::HEADER_AUTH,
         Call::Discovery { then: AfterDiscovery::SignOut { .. }, .. } => action::SIGN_OUT,
         Call::Discovery { .. } => action::START_LOGIN,
     };
@@ -254,6 +256,8 @@ pub fn resume(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
                 None => INTERNAL_ERROR,
             }
         }
+        // Resumed by the access handler itself (see `access`).
+        Call::HeaderAuth { .. } => INTERNAL_ERROR,
     }
 }
 
@@ -262,10 +266,20 @@ pub fn resume(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
 fn create_session(
     r: &mut ngx_http_request_t,
     provider: &Provider,
-    record: SessionRecord,
+    mut record: SessionRecord,
     return_to: &str,
 ) -> ngx_int_t {
     let now = now();
+    // `ak_proxy.backend_override` and `host_header` become $authentik_backend and
+    // $authentik_host_header: only usable values are kept, said once here.
+    let (checked, warnings) = check_proxy_overrides(&record.claims_json);
+    for warning in warnings {
+        let sub = record.sub.escape_default();
+        request_log!(r, NGX_LOG_WARN, action::CREATE_SESSION, "session of \"{sub}\": {warning}");
+    }
+    if let Some(claims_json) = checked {
+        record.claims_json = claims_json;
+    }
     let zone = provider.zone();
     let mut attempt = 0;
     let (id, eviction) = loop {

@@ -36,6 +36,9 @@ pub struct Provider {
     pub declared_at: String,
     /// What authentik's API said beyond the settings, for a provider of `authentik_outpost`.
     pub outpost: Option<FromOutpost>,
+    /// A refused `Authorization` header gets a `401` page instead of the login redirect
+    /// (authentik's `intercept_header_auth`).
+    pub intercept_header_auth: bool,
 }
 
 /// The parts of an outpost provider that are not provider settings.

@@ -1,6 +1,8 @@
 //! `$authentik_username`, `$authentik_groups`, `$authentik_entitlements`, `$authentik_email`,
 //! `$authentik_name`, `$authentik_uid`, `$authentik_jwt` and `$authentik_claim_<name>`.
 //! Empty (not found) until the access phase has authenticated the request.
+//! `$authentik_backend`, `$authentik_host_header`: the session's `ak_proxy.backend_override`
+//! and `ak_proxy.host_header` (checked at login).
 //! `$authentik_background_heartbeat`: the background heartbeat, in any phase (background.rs).
 //! `$authentik_outpost_status`: `<generation> <unix time of the last fetch> <websocket 0|1>`
 //! of the `authentik_outpost` configuration, in any phase (outpost/zone.rs).
@@ -13,7 +15,7 @@ use nginx_sys::{
 };
 use ngx::core::Status;
 
-use authentik_core::identity::IDENTITY_FIELDS;
+use authentik_core::identity::{claim_at, BACKEND_OVERRIDE, HOST_HEADER, IDENTITY_FIELDS};
 
 use ngx::http::HttpModuleMainConf;
 
@@ -22,6 +24,9 @@ use crate::{ctx, http, HttpAuthentikModule};
 const CLAIM_PREFIX: &str = "authentik_claim_";
 const HEARTBEAT_VARIABLE: &str = "authentik_background_heartbeat";
 const OUTPOST_VARIABLE: &str = "authentik_outpost_status";
+/// `ak_proxy.backend_override` and `ak_proxy.host_header` of the session.
+const PROXY_VARIABLES: [(&str, &str); 2] =
+    [("authentik_backend", BACKEND_OVERRIDE), ("authentik_host_header", HOST_HEADER)];
 
 pub fn register(cf: &mut ngx_conf_t) -> Status {
     for (index, field) in IDENTITY_FIELDS.iter().enumerate() {
@@ -38,6 +43,11 @@ pub fn register(cf: &mut ngx_conf_t) -> Status {
     }
     if !add(cf, OUTPOST_VARIABLE, NGX_HTTP_VAR_NOCACHEABLE, outpost_variable, 0) {
         return Status::NGX_ERROR;
+    }
+    for (index, (name, _)) in PROXY_VARIABLES.iter().enumerate() {
+        if !add(cf, name, NGX_HTTP_VAR_NOCACHEABLE, proxy_variable, index) {
+            return Status::NGX_ERROR;
+        }
     }
     Status::NGX_OK
 }
@@ -136,6 +146,23 @@ unsafe extern "C" fn outpost_variable(
         let status =
             format!("{} {} {}", zone.generation(), zone.fetched_at(), zone.connected() as u8);
         http::pool_str(r, status.as_bytes())
+    }));
+    set_value(v, value.ok().flatten());
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn proxy_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    // SAFETY: nginx passes the request and a value slot to fill.
+    let (r, v) = unsafe { (&mut *r, &mut *v) };
+    let value = catch_unwind(AssertUnwindSafe(|| {
+        let (_, pointer) = PROXY_VARIABLES.get(data)?;
+        let ctx = ctx::get(r)?;
+        let value = claim_at(ctx.session.as_ref()?.claims_json, pointer)?;
+        http::pool_str(r, value.as_bytes())
     }));
     set_value(v, value.ok().flatten());
     NGX_OK as ngx_int_t

@@ -53,6 +53,9 @@ CONTROL (all JSON):
   POST   /__control/token                         {token} the accepted API token
   GET    /__control/sessions                      emulator (authentik) sessions
   POST   /__control/app_password                  {username, password} for client_credentials
+  GET    /__control/oauth_calls[?reset=1]         every call to /application/o/... (path, pid)
+  POST   /__control/user_attributes               {username, attributes} merged into the user's
+  (scope_claims values may be {"by_user": {username: claims}}: per-user mapping results)
   POST   /__control/faults                        {api_status?, api_count?, api_stall_ms?}
   GET    /__control/events                        events POSTed to /api/v3/events/events/
   GET    /__control/users                         users (sub, password, claims)
@@ -181,6 +184,10 @@ def user_claims(username: str, scopes: list[str], provider: dict) -> dict:
         claims["ak_proxy"] = {"user_attributes": copy.deepcopy(u["attributes"]), "is_superuser": u["is_superuser"]}
     for scope, extra in (provider.get("scope_claims") or {}).items():
         if scope in scopes and isinstance(extra, dict):
+            # {"by_user": {username: claims}}: a mapping whose expression depends on the user
+            by_user = extra.get("by_user")
+            if isinstance(by_user, dict):
+                extra = by_user.get(username) or {}
             deep_merge(claims, extra)
     return claims
 
@@ -324,6 +331,9 @@ class Emulator:
         self.tokens: dict[str, dict] = {}
         self.interactions: dict[str, dict] = {}
         self.api_calls: list[dict] = []
+        # every call to the OAuth2 endpoints (/application/o/...): header authentication and
+        # logins are counted by the tests
+        self.oauth_calls: list[dict] = []
         self.events: list[dict] = []
         self.ws_conns: list[dict] = []
         self.ws_messages: list[dict] = []
@@ -668,6 +678,11 @@ def build_app(em: Emulator) -> web.Application:
 
     @web.middleware
     async def api_middleware(request: web.Request, handler):
+        if request.path.startswith("/application/o/"):
+            peer, pid = em.peer_info(request)
+            em.oauth_calls.append({"at": time.time(), "method": request.method, "path": request.path,
+                                   "pid": pid, "host": request.headers.get("Host", "")})
+            return await handler(request)
         if not request.path.startswith("/api/v3/"):
             return await handler(request)
         peer, pid = em.peer_info(request)
@@ -1298,6 +1313,23 @@ def build_app(em: Emulator) -> web.Application:
     @routes.get("/__control/sessions")
     async def c_sessions(request):
         return web.json_response([{"key": k, "sid": sid_for(k), **s} for k, s in em.sessions.items()])
+
+    @routes.get("/__control/oauth_calls")
+    async def c_oauth_calls(request):
+        calls = em.oauth_calls
+        if request.query.get("reset"):
+            em.oauth_calls = []
+        return web.json_response({"calls": calls})
+
+    @routes.post("/__control/user_attributes")
+    async def c_user_attributes(request):
+        """{username, attributes}: merged into the user's attributes (ak_proxy.user_attributes)."""
+        body = await body_json(request)
+        u, attrs = body.get("username"), body.get("attributes")
+        if u not in USERS or not isinstance(attrs, dict):
+            return bad("username (a known user) and attributes (an object) required")
+        USERS[u]["attributes"].update(attrs)
+        return web.json_response({"attributes": USERS[u]["attributes"]})
 
     @routes.post("/__control/app_password")
     async def c_app_password(request):

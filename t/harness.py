@@ -1063,6 +1063,16 @@ class Authentik:
     def faults(self, **kw):
         return self._control("POST", "faults", json=kw)
 
+    def oauth_calls(self, reset: bool = False) -> list[dict]:
+        """Every call to /application/o/... since the last reset (path, pid)."""
+        return self._control("GET", "oauth_calls", params={"reset": "1"} if reset else {})["calls"]
+
+    def user_attributes(self, username: str, **attributes) -> dict:
+        return self._control("POST", "user_attributes", json={"username": username, "attributes": attributes})
+
+    def tokens(self) -> list[dict]:
+        return self._control("GET", "tokens")
+
     def events(self) -> list[dict]:
         return self._control("GET", "events")
 

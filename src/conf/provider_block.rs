@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use authentik_core::config::{
-    parse_cookie_domain, parse_http_url, Mode, ProviderMeta, ProviderSettings, DEFAULT_SCOPES,
+    parse_cookie_domain, parse_http_url, BasicAuthAttributes, Mode, ProviderMeta, ProviderSettings,
+    DEFAULT_SCOPES,
 };
 use authentik_core::cookie::session_cookie_name;
 use authentik_core::oidc::login::LOGIN_TTL;
@@ -39,6 +40,9 @@ struct ProviderBlock {
     post_logout_redirect: Option<Url>,
     trusted_audiences: Option<Vec<String>>,
     max_pending_calls: Option<usize>,
+    intercept_header_auth: Option<bool>,
+    basic_auth_user_attribute: Option<String>,
+    basic_auth_password_attribute: Option<String>,
     /// Directives seen so far (a second one is a duplicate).
     seen: Vec<&'static str>,
 }
@@ -133,6 +137,28 @@ static COMMANDS: &[BlockCommand] = &[
             Ok(())
         }
         _ => Err(format!("invalid max_pending_calls \"{}\"", v[0])),
+    }),
+    cmd("intercept_header_auth", Args::One, |_, b, v| match v[0].as_str() {
+        "on" => {
+            b.intercept_header_auth = Some(true);
+            Ok(())
+        }
+        "off" => {
+            b.intercept_header_auth = Some(false);
+            Ok(())
+        }
+        _ => Err(format!(
+            "invalid value \"{}\" in \"intercept_header_auth\", it must be \"on\" or \"off\"",
+            v[0]
+        )),
+    }),
+    cmd("basic_auth_user_attribute", Args::One, |_, b, v| {
+        b.basic_auth_user_attribute = Some(v[0].clone());
+        Ok(())
+    }),
+    cmd("basic_auth_password_attribute", Args::One, |_, b, v| {
+        b.basic_auth_password_attribute = Some(v[0].clone());
+        Ok(())
     }),
 ];
 
@@ -276,7 +302,12 @@ fn build_provider(
         trusted_audiences: block.trusted_audiences.unwrap_or_default(),
         meta: ProviderMeta::of_block(&name),
         backchannel_host: None,
-        basic_auth: None,
+        basic_auth: block.basic_auth_password_attribute.map(|password_attribute| {
+            BasicAuthAttributes {
+                user_attribute: block.basic_auth_user_attribute.unwrap_or_default(),
+                password_attribute,
+            }
+        }),
     };
     if let Err(e) = settings.validate() {
         return Err(emerg!(cf, "authentik_provider \"{}\": {}", settings.name, e));
@@ -299,6 +330,7 @@ fn build_provider(
         zone_name: block.session_zone,
         declared_at: origin.to_string(),
         outpost: None,
+        intercept_header_auth: block.intercept_header_auth.unwrap_or(true),
     })
 }
 

@@ -131,6 +131,7 @@ pub fn provider_of(built: OutpostProvider, outpost: &OutpostConf) -> Option<Prov
         zone: outpost.session_zone,
         zone_name: None,
         declared_at,
+        intercept_header_auth: header_auth.intercept,
         outpost: Some(crate::provider::FromOutpost { slug, session_lifetime, header_auth }),
     })
 }

@@ -294,6 +294,8 @@ function buildProvider(issuer, pathPrefix) {
     },
     features: {
       devInteractions: { enabled: false },
+      // RFC 7662: the module's Bearer header authentication introspects access tokens
+      introspection: { enabled: true },
       rpInitiatedLogout: {
         enabled: true,
         logoutSource(ctx, form) {

@@ -103,6 +103,8 @@ pub enum HeaderAuthError {
     Provider(#[from] ProviderError),
     #[error("the token is not active")]
     Inactive,
+    #[error("the token was issued to another client")]
+    OtherClient,
     #[error("the provider has no introspection endpoint")]
     NoIntrospection,
     #[error("invalid id_token: {0}")]
@@ -145,6 +147,13 @@ fn introspected(
     let mut claims = client.introspect(settings, &discovery, endpoint, token)?;
     if claims.get("active") != Some(&Value::Bool(true)) {
         return Err(HeaderAuthError::Inactive);
+    }
+    // A provider may let one client introspect another's tokens (oidc-provider does, for
+    // confidential clients): a token issued to another client is not for this application.
+    if let Some(Value::String(issued_to)) = claims.get("client_id") {
+        if issued_to != &settings.client_id {
+            return Err(HeaderAuthError::OtherClient);
+        }
     }
     if let Some(exp) = claims.get("exp").and_then(numeric_date) {
         if exp <= now {

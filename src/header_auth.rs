@@ -1,0 +1,104 @@
+//! Header authentication in the access phase (see `authentik_core::oidc::header_auth`): a
+//! request without a session but with `Authorization: Bearer|Basic` is checked with the
+//! provider on the thread pool, and the answer (a success for 60 s, a failure for 10 s) is
+//! cached in the session zone under a hash of the provider and the header value, so every
+//! worker reuses it and a wrong value does not turn every request into a provider call.
+
+use authentik_core::oidc::header_auth::{
+    cache_id, failure_record, parse_authorization, HeaderAuthError,
+};
+use authentik_core::session::{SessionId, SessionRecord, SessionView};
+use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_LOG_INFO, NGX_LOG_WARN};
+
+use crate::call::Call;
+use crate::log::action;
+use crate::provider::Provider;
+use crate::session::{self, now};
+use crate::store::{SessionStore, ZoneError};
+use crate::{http, login, request_log};
+
+/// What header authentication found.
+pub enum HeaderAuth {
+    /// No `Authorization` header: the session-less path as usual.
+    Absent,
+    /// A cached success.
+    Authenticated(SessionView<'static>),
+    /// A wrong, unknown or unusable value (or a cached failure).
+    Failed,
+    /// A provider call was started; the access handler returns this.
+    Pending(ngx_int_t),
+}
+
+/// Looks the request's `Authorization` header up in the cache, or starts checking it.
+pub fn authenticate(r: &mut ngx_http_request_t, provider: &Provider) -> HeaderAuth {
+    let Some(value) = http::request_header(r, b"authorization") else {
+        return HeaderAuth::Absent;
+    };
+    let Some(credentials) = parse_authorization(value) else {
+        return HeaderAuth::Failed;
+    };
+    let id = cache_id(provider.key, value);
+    if let Some(view) = session::session_bytes(r, provider, &id).and_then(SessionView::parse) {
+        return match view.sub.is_empty() {
+            true => HeaderAuth::Failed,
+            false => HeaderAuth::Authenticated(view),
+        };
+    }
+    let call = Call::HeaderAuth { credentials, cache_id: id, result: None };
+    HeaderAuth::Pending(login::start_call(r, provider, call))
+}
+
+/// The provider answered: caches the answer and returns what it means for this request.
+pub fn finished(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    id: &SessionId,
+    result: Option<Result<Box<SessionRecord>, HeaderAuthError>>,
+) -> HeaderAuth {
+    let now = now();
+    let record = match result {
+        Some(Ok(record)) => *record,
+        Some(Err(e)) => {
+            // Never the header's value: the error says what failed, not with what.
+            let level = match e {
+                HeaderAuthError::Provider(_) | HeaderAuthError::NoIntrospection => NGX_LOG_WARN,
+                _ => NGX_LOG_INFO,
+            };
+            request_log!(r, level, action::HEADER_AUTH, "authorization header refused: {e}");
+            cache(r, provider, id, &failure_record(now), now);
+            return HeaderAuth::Failed;
+        }
+        None => return HeaderAuth::Failed,
+    };
+    cache(r, provider, id, &record, now);
+    let bytes = record.encode();
+    let Some(copy) = http::pool_str(r, &bytes) else {
+        return HeaderAuth::Failed;
+    };
+    match SessionView::parse(http::bytes_of(&copy)) {
+        Some(view) => HeaderAuth::Authenticated(view),
+        None => HeaderAuth::Failed,
+    }
+}
+
+fn cache(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    id: &SessionId,
+    record: &SessionRecord,
+    now: i64,
+) {
+    match provider.zone().insert(id, provider.key, record, now) {
+        // Another worker cached the same header meanwhile.
+        Ok(_) | Err(ZoneError::Collision) => {}
+        Err(e) => request_log!(r, NGX_LOG_WARN, action::HEADER_AUTH, "answer not cached: {e}"),
+    }
+}
+
+/// Removes `Authorization` before the upstream sees the request (also from nginx's typed
+/// pointer, so `$http_authorization` and other modules no longer see it); `false` when memory
+/// ran out.
+pub fn remove_authorization(r: &mut ngx_http_request_t) -> bool {
+    r.headers_in.authorization = core::ptr::null_mut();
+    http::remove_request_headers(r, |name, _| name.eq_ignore_ascii_case(b"authorization"))
+}
