@@ -167,7 +167,7 @@ def chromium(tmp_path):
     opts.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
-                "--disable-sync", "--disable-component-update", "--no-proxy-server", "--window-size=1100,960",
+                "--disable-sync", "--disable-component-update", "--no-proxy-server", "--window-size=1100,1200",
                 "--hide-scrollbars", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(arg)
     if os.geteuid() == 0:
@@ -252,6 +252,7 @@ def test_demo_browser_login_identity_websocket_sign_out_and_sigterm(demo, chromi
     text_in(driver, "#ws-log", "echo: ping through nginx")
 
     shot = tmp_path / "demo.png"
+    driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     if os.environ.get("DEMO_SCREENSHOT"):
