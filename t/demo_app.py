@@ -42,7 +42,8 @@ STYLE = """
 body{font-family:system-ui,sans-serif;max-width:52em;margin:2em auto;padding:0 1em;color:#1d2430}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.1em;margin-top:1.6em}
 .sub{color:#5a6472;margin-top:0}
-table{border-collapse:collapse;width:100%} td,th{text-align:left;padding:.3em .6em;border-bottom:1px solid #e2e6eb;vertical-align:top}
+table{border-collapse:collapse;width:100%}
+td,th{text-align:left;padding:.3em .6em;border-bottom:1px solid #e2e6eb;vertical-align:top}
 th{width:14em;font-weight:600} code{font-size:.9em;word-break:break-all}
 .tag{display:inline-block;background:#e8eefc;border-radius:.8em;padding:.05em .6em;margin:0 .3em .2em 0}
 .ok{color:#17733a;font-weight:600} .bad{color:#b3261e;font-weight:600}

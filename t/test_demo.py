@@ -325,4 +325,3 @@ def test_demo_port_in_use_is_one_line(demo, which):
     # nothing was started: no provider, no app, no nginx
     assert r.stdout == ""
     assert not port_listening(other)
-    assert not [pid for pid in children_of(os.getpid()) if "demo.py" in process_title(pid)]

@@ -16,7 +16,6 @@ No nginx is started: this runs in a fraction of a second.
 """
 
 import re
-from pathlib import Path
 
 import pytest
 
