@@ -107,14 +107,14 @@ def busy_ports_message(ports: list[tuple[int, str, str]]) -> str | None:
     return None
 
 
-def die_with_parent():
+def die_with_parent(parent: int):
     """Get SIGTERM when the parent (make, a shell) ends, so the demo never outlives it (Linux)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent was already gone
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -127,6 +127,7 @@ def env_port(name: str, default: int) -> int:
 
 
 def main():
+    parent = os.getppid()
     ap = argparse.ArgumentParser(description="nginx-authentik demo")
     ap.add_argument("--nginx", default=os.environ.get("DEMO_NGINX", "/usr/sbin/nginx"))
     ap.add_argument("--module", default=os.environ.get("DEMO_MODULE", str(harness.BUILD / "ngx_http_authentik_module.so")))
@@ -188,7 +189,7 @@ def main():
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    die_with_parent()
+    die_with_parent(parent)
     workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-demo-"))
     try:
         provider = Provider(workdir / "provider", port=a.provider_port, clients=[client], issuer=issuer)

@@ -66,6 +66,7 @@ class Demo:
             self.provider_port = free_port()
         self.workdir = workdir
         self.proc = None
+        self.seen: set[int] = set()  # every process of the demo seen, for the teardown
 
     @property
     def origin(self) -> str:
@@ -81,27 +82,34 @@ class Demo:
         return subprocess.run([sys.executable, str(harness.T_DIR / "demo.py")], env=self.env(), capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
-    def start(self, timeout: float = 60) -> "Demo":
+    def start(self, timeout: float = 60, via_shell: bool = False) -> "Demo":
+        """Starts the demo (as a child of a bash, like `make` runs it, with `via_shell`)."""
         for p in (self.nginx_bin, self.module):
             assert p.exists(), f"{p} is not built"
         self.out_path = self.workdir / "demo.out"
         self.err_path = self.workdir / "demo.err"
+        cmd = [sys.executable, str(harness.T_DIR / "demo.py")]
+        if via_shell:  # `; true`: bash stays the parent instead of exec'ing the demo
+            cmd = ["bash", "-c", f'"{cmd[0]}" "{cmd[1]}"; true']
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             # its own session: a leftover can be found (and killed) by group after the test
-            self.proc = subprocess.Popen([sys.executable, str(harness.T_DIR / "demo.py")], env=self.env(),
-                                         stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, env=self.env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while READY_LINE not in self.out_path.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"demo did not start (exit {self.proc.poll()}):\n{self.output()}")
             time.sleep(0.1)
+        self.processes()
         return self
 
     def output(self) -> str:
         return self.out_path.read_text() + "\n--- stderr ---\n" + self.err_path.read_text()
 
     def processes(self) -> set[int]:
-        return descendants(self.proc.pid)
+        found = descendants(self.proc.pid)
+        self.seen |= found
+        return found
 
     def stop_with(self, sig: int, timeout: float = 30) -> set[int]:
         """Sends `sig` to the demo's own process (not its group, as `kill` or `timeout` would),
@@ -117,13 +125,16 @@ class Demo:
         return kids
 
     def kill(self):
-        if self.proc is not None:
-            harness.kill_group(self.proc, signal.SIGKILL, timeout=5)
-            for pid in descendants(self.proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        """Teardown: whatever is left of the demo, even after its parent is gone."""
+        if self.proc is None:
+            return
+        left = {pid for pid in self.seen | descendants(self.proc.pid) if alive(pid)}
+        harness.kill_group(self.proc, signal.SIGKILL, timeout=5)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def assert_all_gone(kids: set[int], demo: Demo, timeout: float = 10):
@@ -305,8 +316,20 @@ def test_demo_stops_whole_on_signal(demo, sig):
     assert_all_gone(d.stop_with(sig), d)
 
 
+def test_demo_stops_when_its_parent_is_killed(demo):
+    """`kill -9` of `make` (or of the shell running the demo) stops the demo too."""
+    d = demo().start(via_shell=True)
+    kids = d.processes()
+    assert any("demo.py" in process_title(pid) for pid in kids), kids
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    assert_all_gone(kids, d, timeout=30)
+    assert "SIGTERM, stopping" in d.err_path.read_text()
+
+
 @pytest.mark.parametrize("which", ["nginx", "provider"])
 def test_demo_port_in_use_is_one_line(demo, which):
+    """Before starting anything: one line naming the port and how to pick another."""
     d = demo()
     taken = d.port if which == "nginx" else d.provider_port
     other = d.provider_port if which == "nginx" else d.port
