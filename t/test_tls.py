@@ -192,6 +192,17 @@ def test_session_over_http2_and_http11(tls):
     status, _, _ = h2_request(tls, "/h2/api", [("accept", "application/json"), ("sec-fetch-mode", "cors")])
     assert status == 401
 
+    # an unknown session id is expired by the module, with a Secure cookie too (both protocols)
+    bogus = f"{name}=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    status, headers, _ = h2_request(tls, "/h2/api", [("cookie", bogus), ("accept", "application/json")])
+    expired = [parse_set_cookie(v) for v in header_values(headers, "set-cookie")]
+    assert status == 401 and [c for c in expired if c.name == name and c.attr("max-age") == "0"], headers
+    assert all(c.has("secure") for c in expired), [c.raw for c in expired]
+    r = tls.browser().get(tls.url("/h1/api"), headers={**XHR_HEADERS, "Cookie": bogus}, follow=False)
+    expired = [parse_set_cookie(v) for v in r.raw.headers.getlist("Set-Cookie")]
+    assert r.status_code == 401 and [c for c in expired if c.name == name and c.attr("max-age") == "0"]
+    assert all(c.has("secure") for c in expired), [c.raw for c in expired]
+
     # a WebSocket over TLS (HTTP/1.1 upgrade) with the session
     ws = websocket.create_connection(f"wss://127.0.0.1:{tls.port}/ws", host=f"{HOST}:{tls.port}",
                                      cookie=f"{name}={value}", timeout=15,
