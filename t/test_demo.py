@@ -190,8 +190,13 @@ def chromium(tmp_path):
         opts.add_argument(arg)
     if os.geteuid() == 0:
         opts.add_argument("--no-sandbox")  # chromium refuses to run as root with its sandbox
-    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log"))
-    driver = webdriver.Chrome(service=service, options=opts)
+    log = tmp_path / "chromedriver.log"
+    service = Service(executable_path=str(CHROMEDRIVER), log_output=str(log))
+    try:
+        driver = webdriver.Chrome(service=service, options=opts)
+    except Exception as e:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(f"chromium did not start through chromedriver: {e}\n--- chromedriver.log ---\n{tail}")
     driver.set_page_load_timeout(WAIT)
     driver.set_script_timeout(WAIT)
     try:
