@@ -135,6 +135,10 @@ def main():
     ap.add_argument("--provider-port", type=int, default=env_port("DEMO_PROVIDER_PORT", 9000))
     ap.add_argument("--print-config", action="store_true", help="print the example nginx config and exit")
     a = ap.parse_args()
+    for port, env in ((a.port, "DEMO_PORT"), (a.provider_port, "DEMO_PROVIDER_PORT")):
+        if not 0 < port < 65536:
+            print(f"demo: port {port} is not a TCP port; pick another with {env}=<1-65535>", file=sys.stderr)
+            return 1
 
     client = {
         "client_id": "nginx-demo",
