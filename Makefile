@@ -79,7 +79,7 @@ docker-image: module-vendored
 
 demo: module
 	@.ci/deps.sh test
-	$(BUILD)/venv/bin/python t/demo.py
+	@$(BUILD)/venv/bin/python t/demo.py
 
 # The bench uses its own build with the BENCH-ONLY fill endpoint (cargo feature `bench`);
 # that .so is never packaged.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what building and testing nginx-authentik needs. Idempotent and quiet when all is present.
 #   .ci/deps.sh build   Debian packages for building the module, rustfmt and clippy
-#   .ci/deps.sh test    build's, plus build/venv (t/requirements.txt), t/provider/node_modules, wrk, curl
+#   .ci/deps.sh test    build's, plus build/venv (t/requirements.txt), t/provider/node_modules, wrk, curl,
+#                       chromium + chromium-driver (the demo's browser test)
 #   .ci/deps.sh [all]   same as test
 # Prints one line per thing it installs; exits non-zero with a one-line reason when it cannot.
 set -euo pipefail
@@ -19,7 +20,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir="$root/build"
 
 BUILD_APT=(nginx nginx-dev libclang-dev clang g++ pkg-config libssl-dev libpcre2-dev zlib1g-dev make dpkg-dev)
-TEST_APT=(wrk curl)
+TEST_APT=(wrk curl chromium chromium-driver)
 
 say() { echo "deps: $*"; }
 die() {

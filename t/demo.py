@@ -2,17 +2,23 @@
 """`make demo`: nginx + ngx_http_authentik_module + a local OIDC provider + a sample app.
 
   provider   http://127.0.0.1:9000   (t/provider/server.mjs, users alice and bob)
-  app        http://127.0.0.1:<free> (t/upstream.py: echoes the request it receives)
+  app        http://127.0.0.1:<free> (t/demo_app.py: a page of the identity it receives)
   nginx      http://127.0.0.1:8080   (Debian's /usr/sbin/nginx + build/ngx_http_authentik_module.so)
 
-Open http://127.0.0.1:8080/ and log in as alice / alice-password: the page shows the
-headers the app received (X-authentik-username, -groups, ...).  Ctrl-C stops everything.
-Options: --nginx PATH --module PATH --port 8080 --provider-port 9000 (env DEMO_NGINX, DEMO_MODULE).
+Open http://127.0.0.1:8080/ and log in as alice / alice-password: the page shows who you
+are, as the app received it (X-authentik-username, -groups, ...), and a WebSocket echo.
+Ctrl-C, SIGTERM and SIGHUP stop everything (each child runs in a process group of its own,
+which is stopped whole); so does the end of the parent process (`make`).
+A port in use is reported in one line before anything starts.
+Options: --nginx PATH --module PATH --port 8080 --provider-port 9000
+(env DEMO_NGINX, DEMO_MODULE, DEMO_PORT, DEMO_PROVIDER_PORT).
 """
 
 import argparse
+import ctypes
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -72,16 +78,68 @@ server {
 """
 
 
+def port_in_use(port: int) -> bool:
+    """True when 127.0.0.1:<port> cannot be bound (another listener, on it or on 0.0.0.0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def next_free_port(port: int, taken: set[int]) -> int:
+    for candidate in range(port + 1, min(port + 200, 65536)):
+        if candidate not in taken and not port_in_use(candidate):
+            return candidate
+    return 0
+
+
+def busy_ports_message(ports: list[tuple[int, str, str]]) -> str | None:
+    """One line for the first port in use: which, what needs it, and how to pick another."""
+    wanted = {p for p, _, _ in ports}
+    for port, what, env in ports:
+        if port_in_use(port):
+            other = next_free_port(port, wanted)
+            hint = f"{env}={other} make demo" if other else f"{env}=<port> make demo"
+            return f"demo: port {port} ({what}) is in use; pick another: {hint}"
+    return None
+
+
+def die_with_parent(parent: int):
+    """Get SIGTERM when the parent (make, a shell) ends, so the demo never outlives it (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def env_port(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        sys.exit(f"demo: {name}={value!r} is not a port number")
+
+
 def main():
+    parent = os.getppid()
     ap = argparse.ArgumentParser(description="nginx-authentik demo")
     ap.add_argument("--nginx", default=os.environ.get("DEMO_NGINX", "/usr/sbin/nginx"))
     ap.add_argument("--module", default=os.environ.get("DEMO_MODULE", str(harness.BUILD / "ngx_http_authentik_module.so")))
-    ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--provider-port", type=int, default=9000)
+    ap.add_argument("--port", type=int, default=env_port("DEMO_PORT", 8080))
+    ap.add_argument("--provider-port", type=int, default=env_port("DEMO_PROVIDER_PORT", 9000))
     ap.add_argument("--print-config", action="store_true", help="print the example nginx config and exit")
     a = ap.parse_args()
+    for port, env in ((a.port, "DEMO_PORT"), (a.provider_port, "DEMO_PROVIDER_PORT")):
+        if not 0 < port < 65536:
+            print(f"demo: port {port} is not a TCP port; pick another with {env}=<1-65535>", file=sys.stderr)
+            return 1
 
-    workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-demo-"))
     client = {
         "client_id": "nginx-demo",
         "client_secret": "demo-secret-" + os.urandom(16).hex(),
@@ -97,16 +155,26 @@ def main():
     values = {"ISSUER": issuer, "CLIENT_ID": client["client_id"], "CLIENT_SECRET": client["client_secret"]}
 
     if a.print_config:
+        workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-demo-"))
         n = Nginx("debian", workdir / "nginx")
         n.port = a.port
         n.vars["PORT"] = str(a.port)
         print(n.subst(EXAMPLE_CONF, UPSTREAM_PORT="<app port>", **values))
         return 0
 
+    # Before anything starts: a port in use is one line, not a stack trace from a child.
+    busy = busy_ports_message([(a.port, "nginx", "DEMO_PORT"),
+                               (a.provider_port, "identity provider", "DEMO_PROVIDER_PORT")])
+    if a.port == a.provider_port:
+        busy = f"demo: nginx and the identity provider cannot share port {a.port}; set DEMO_PROVIDER_PORT"
+    if busy:
+        print(busy, file=sys.stderr)
+        return 1
+
     procs = []
     stopping = False
 
-    def stop(*_):
+    def stop():
         nonlocal stopping
         if stopping:
             return
@@ -118,29 +186,34 @@ def main():
                 print(f"stop: {exc}", file=sys.stderr)
 
     def on_signal(signum, _frame):
-        stop()
-        sys.exit(0)
+        if stopping:
+            return  # already on the way out
+        print(f"\ndemo: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True)
+        raise SystemExit(0)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    die_with_parent(parent)
+    workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-demo-"))
     try:
         provider = Provider(workdir / "provider", port=a.provider_port, clients=[client], issuer=issuer)
         procs.append(provider)
         provider.start()
-        upstream = Upstream(workdir / "app")
-        procs.append(upstream)
-        upstream.start()
+        app = Upstream(workdir / "app", script=harness.T_DIR / "demo_app.py")
+        procs.append(app)
+        app.start()
         nginx = Nginx("debian", workdir / "nginx", worker_processes=2)
         nginx.binary, nginx.module = Path(a.nginx), Path(a.module)
         nginx.port = a.port
         nginx.vars["PORT"] = str(a.port)
         procs.append(nginx)
-        nginx.start(EXAMPLE_CONF, UPSTREAM_PORT=upstream.port, **values)
+        nginx.start(EXAMPLE_CONF, UPSTREAM_PORT=app.port, **values)
 
         print()
         print(f"Open http://127.0.0.1:{a.port}/ and log in as alice / {harness.USERS['alice']}"
               f"  (or bob / {harness.USERS['bob']})")
-        print(f"Sign out: http://127.0.0.1:{a.port}/outpost.goauthentik.io/sign_out")
+        print(f"Sign out: http://127.0.0.1:{a.port}/outpost.goauthentik.io/sign_out"
+              f"   no login needed: http://127.0.0.1:{a.port}/public/")
         print(f"Provider: {issuer}/.well-known/openid-configuration")
         print(f"nginx config: {nginx.conf_path}   error log: {nginx.error_log_path}")
         print("Ctrl-C to stop.")

@@ -303,17 +303,21 @@ class Provider:
 
 # --- the upstream echo server -------------------------------------------------------------
 class Upstream:
-    def __init__(self, workdir: Path, port: int = 0):
+    """t/upstream.py (the echo server), or another app with the same command line and
+    `ready <port>` line (`script`, e.g. t/demo_app.py)."""
+
+    def __init__(self, workdir: Path, port: int = 0, script: Path | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.requested_port = port
+        self.script = Path(script) if script else T_DIR / "upstream.py"
         self.proc = None
 
     def start(self, timeout: float = 15.0) -> "Upstream":
         self.stdout_path = self.workdir / "upstream.out"
         self.stderr_path = self.workdir / "upstream.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(T_DIR / "upstream.py"), "--port", str(self.requested_port)],
+            self.proc = subprocess.Popen([sys.executable, str(self.script), "--port", str(self.requested_port)],
                                          stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         self.port = int(wait_ready_line(self.stdout_path, self.proc, timeout, "upstream", self.stderr_path))
         self.url = f"http://127.0.0.1:{self.port}"
