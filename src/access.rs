@@ -294,7 +294,11 @@ fn per_request_provider(
             }
         }
     };
-    let reason = match found {
+    let name = match target {
+        OutpostTarget::Named(name) => name.as_str(),
+        OutpostTarget::Auto => "auto",
+    };
+    match found {
         Found::Provider(p) => {
             let ptr = Rc::as_ptr(&p);
             let Some(ctx) = ctx::get(r) else {
@@ -305,14 +309,19 @@ fn per_request_provider(
             }
             return Ok(ptr);
         }
-        Found::Unknown => "is not assigned to this outpost",
-        Found::NotFetched => "is not known yet: no configuration was fetched from authentik",
-    };
-    let name = match target {
-        OutpostTarget::Named(name) => name.as_str(),
-        OutpostTarget::Auto => "auto",
-    };
-    request_log!(r, NGX_LOG_ERR, action::ACCESS, "authentik provider \"{name}\" {reason}");
+        Found::Unknown => request_log!(
+            r,
+            NGX_LOG_ERR,
+            action::ACCESS,
+            "authentik provider \"{name}\" is not assigned to this outpost"
+        ),
+        Found::NotFetched => request_log!(
+            r,
+            NGX_LOG_ERR,
+            action::ACCESS,
+            "authentik provider \"{name}\" is not known yet: no configuration was fetched from authentik"
+        ),
+    }
     let msg = "Logging in is not possible right now. Try again in a moment.";
     Err(response::send_page(
         r,
