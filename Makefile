@@ -3,6 +3,7 @@
 #   make module-vendored   nginx 1.28 + module             -> build/vendored/{sbin/nginx,ngx_http_authentik_module.so}
 #   make test              every test (lint, unit, end-to-end on both targets, package)
 #   make demo              nginx + module + local identity provider + sample app
+#                          (AUTHENTIK=emulator: nginx as the outpost of the authentik emulator)
 SHELL := /bin/bash
 BUILD := $(CURDIR)/build
 CARGO ?= cargo
@@ -79,7 +80,7 @@ docker-image: module-vendored
 
 demo: module
 	@.ci/deps.sh test
-	@$(BUILD)/venv/bin/python t/demo.py
+	@$(BUILD)/venv/bin/python t/demo.py $(if $(AUTHENTIK),--authentik $(AUTHENTIK))
 
 # The bench uses its own build with the BENCH-ONLY fill endpoint (cargo feature `bench`);
 # that .so is never packaged.

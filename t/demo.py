@@ -10,8 +10,13 @@ are, as the app received it (X-authentik-username, -groups, ...), and a WebSocke
 Ctrl-C, SIGTERM and SIGHUP stop everything (each child runs in a process group of its own,
 which is stopped whole); so does the end of the parent process (`make`).
 A port in use is reported in one line before anything starts.
-Options: --nginx PATH --module PATH --port 8080 --provider-port 9000
-(env DEMO_NGINX, DEMO_MODULE, DEMO_PORT, DEMO_PROVIDER_PORT).
+Options: --nginx PATH --module PATH --port 8080 --provider-port 9000 --authentik oidc|emulator
+(env DEMO_NGINX, DEMO_MODULE, DEMO_PORT, DEMO_PROVIDER_PORT, DEMO_AUTHENTIK).
+
+`--authentik emulator` (`make demo AUTHENTIK=emulator`): instead of the generic OIDC provider,
+the test suite's authentik emulator (t/authentik_emulator.py) on the provider port, and nginx
+as its outpost: `authentik_outpost` + `auth_authentik demo` (the application's slug), the
+provider fetched from the emulator's outpost API.
 """
 
 import argparse
@@ -27,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
-from harness import Nginx, Provider, Upstream  # noqa: E402
+from harness import Authentik, Nginx, Provider, Upstream  # noqa: E402
 
 # The example configuration (it doubles as documentation of the module's directives).
 EXAMPLE_CONF = r"""
@@ -74,6 +79,33 @@ server {
     # the module's variables can be used anywhere nginx takes variables
     add_header X-Demo-User $authentik_username always;
     authentik_unauth_paths ^/favicon\.ico$;
+}
+"""
+
+# The same demo with nginx as an authentik outpost: the provider comes from authentik's API.
+OUTPOST_CONF = r"""
+authentik_session_zone zone=authentik:16m;
+
+# nginx is the outpost this token belongs to; its providers come from authentik's API and
+# follow every change there (websocket), without a reload.
+authentik_outpost @AUTHENTIK@ token_file=@TOKEN_FILE@;
+
+server {
+    listen 127.0.0.1:@PORT@;
+    server_name localhost;
+
+    location / {
+        auth_authentik demo;           # the application's slug in authentik (or "auto")
+        proxy_pass http://127.0.0.1:@UPSTREAM_PORT@;
+    }
+    location /ws {
+        auth_authentik demo;
+        proxy_pass http://127.0.0.1:@UPSTREAM_PORT@;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection "upgrade";
+    }
+    add_header X-Demo-User $authentik_username always;
 }
 """
 
@@ -133,8 +165,11 @@ def main():
     ap.add_argument("--module", default=os.environ.get("DEMO_MODULE", str(harness.BUILD / "ngx_http_authentik_module.so")))
     ap.add_argument("--port", type=int, default=env_port("DEMO_PORT", 8080))
     ap.add_argument("--provider-port", type=int, default=env_port("DEMO_PROVIDER_PORT", 9000))
+    ap.add_argument("--authentik", choices=("oidc", "emulator"), default=os.environ.get("DEMO_AUTHENTIK") or "oidc",
+                    help="identity provider: the generic OIDC provider, or the authentik emulator (nginx as outpost)")
     ap.add_argument("--print-config", action="store_true", help="print the example nginx config and exit")
     a = ap.parse_args()
+    emulator = a.authentik == "emulator"
     for port, env in ((a.port, "DEMO_PORT"), (a.provider_port, "DEMO_PROVIDER_PORT")):
         if not 0 < port < 65536:
             print(f"demo: port {port} is not a TCP port; pick another with {env}=<1-65535>", file=sys.stderr)
@@ -159,7 +194,8 @@ def main():
         n = Nginx("debian", workdir / "nginx")
         n.port = a.port
         n.vars["PORT"] = str(a.port)
-        print(n.subst(EXAMPLE_CONF, UPSTREAM_PORT="<app port>", **values))
+        conf = OUTPOST_CONF if emulator else EXAMPLE_CONF
+        print(n.subst(conf, UPSTREAM_PORT="<app port>", AUTHENTIK=issuer, TOKEN_FILE="<token file>", **values))
         return 0
 
     # Before anything starts: a port in use is one line, not a stack trace from a child.
@@ -196,9 +232,18 @@ def main():
     die_with_parent(parent)
     workdir = Path(tempfile.mkdtemp(prefix="nginx-authentik-demo-"))
     try:
-        provider = Provider(workdir / "provider", port=a.provider_port, clients=[client], issuer=issuer)
-        procs.append(provider)
-        provider.start()
+        if emulator:
+            provider = Authentik(workdir / "authentik", port=a.provider_port, outpost_name="nginx demo outpost")
+            procs.append(provider)
+            provider.start()
+            provider.add_provider("Demo provider", "demo", f"http://127.0.0.1:{a.port}", app_name="Demo app",
+                                  skip_path_regex="^/public/\n^/health$")
+            values["AUTHENTIK"] = provider.origin
+            values["TOKEN_FILE"] = str(provider.write_token_file(workdir / "authentik.token"))
+        else:
+            provider = Provider(workdir / "provider", port=a.provider_port, clients=[client], issuer=issuer)
+            procs.append(provider)
+            provider.start()
         app = Upstream(workdir / "app", script=harness.T_DIR / "demo_app.py")
         procs.append(app)
         app.start()
@@ -207,14 +252,24 @@ def main():
         nginx.port = a.port
         nginx.vars["PORT"] = str(a.port)
         procs.append(nginx)
-        nginx.start(EXAMPLE_CONF, UPSTREAM_PORT=app.port, **values)
+        nginx.start(OUTPOST_CONF if emulator else EXAMPLE_CONF, UPSTREAM_PORT=app.port, **values)
+        if emulator:
+            # the outpost's first fetch (worker 0's background task), before the URL is printed
+            deadline = time.monotonic() + 15
+            while harness.fresh_get(f"http://127.0.0.1:{a.port}/").status_code == 503:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nginx did not get its configuration from the authentik emulator")
+                time.sleep(0.2)
 
         print()
         print(f"Open http://127.0.0.1:{a.port}/ and log in as alice / {harness.USERS['alice']}"
               f"  (or bob / {harness.USERS['bob']})")
         print(f"Sign out: http://127.0.0.1:{a.port}/outpost.goauthentik.io/sign_out"
               f"   no login needed: http://127.0.0.1:{a.port}/public/")
-        print(f"Provider: {issuer}/.well-known/openid-configuration")
+        if emulator:
+            print(f"authentik (emulator): {issuer}/api/v3/outposts/proxy/ (nginx is its outpost)")
+        else:
+            print(f"Provider: {issuer}/.well-known/openid-configuration")
         print(f"nginx config: {nginx.conf_path}   error log: {nginx.error_log_path}")
         print("Ctrl-C to stop.")
         sys.stdout.flush()

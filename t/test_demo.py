@@ -65,8 +65,10 @@ def port_listening(port: int) -> bool:
 class Demo:
     """t/demo.py as `make demo` runs it, on free ports, for one nginx target."""
 
-    def __init__(self, target: str, workdir: Path, port: int | None = None, provider_port: int | None = None):
+    def __init__(self, target: str, workdir: Path, port: int | None = None, provider_port: int | None = None,
+                 authentik: str | None = None):
         self.nginx_bin, self.module = TARGETS[target]
+        self.authentik = authentik
         self.port = port or free_port()
         self.provider_port = provider_port or free_port()
         while self.provider_port == self.port:
@@ -83,6 +85,8 @@ class Demo:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
         env.update(DEMO_NGINX=str(self.nginx_bin), DEMO_MODULE=str(self.module), DEMO_PORT=str(self.port),
                    DEMO_PROVIDER_PORT=str(self.provider_port))
+        if self.authentik:
+            env["DEMO_AUTHENTIK"] = self.authentik
         return env
 
     def run(self, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -325,6 +329,25 @@ def test_demo_stops_whole_on_signal(demo, sig):
     r = get(d.origin + "/public/", headers={"Accept": "application/json"})
     assert r.status_code == 200 and r.json()["path"] == "/public/"
     assert_all_gone(d.stop_with(sig), d)
+
+
+def test_demo_as_outpost_of_the_authentik_emulator(demo):
+    """`make demo AUTHENTIK=emulator`: nginx is the outpost of the authentik emulator; a login
+    through it, the identity page's JSON, then a clean SIGTERM."""
+    d = demo(authentik="emulator").start()
+    titles = " ".join(process_title(pid) for pid in d.processes())
+    assert "authentik_emulator.py" in titles and "server.mjs" not in titles, titles
+    assert "authentik_outpost" in (Path(d.output().split("nginx config: ")[1].split()[0])).read_text()
+    b = harness.Browser()
+    r = b.login(d.origin + "/", "alice")
+    assert r.status_code == 200, b.hops
+    e = harness.echo(b.get(d.origin + "/", headers={"Accept": "application/json"}))
+    names = {k.lower(): e.get(k) for k in ("X-authentik-username", "X-authentik-meta-outpost", "X-authentik-meta-app")}
+    assert names.get("x-authentik-username") == "alice", names
+    assert names.get("x-authentik-meta-outpost") == "nginx demo outpost"
+    assert names.get("x-authentik-meta-app") == "demo"
+    assert get(d.origin + "/public/", headers={"Accept": "application/json"}).status_code == 200
+    assert_all_gone(d.stop_with(signal.SIGTERM), d)
 
 
 def test_demo_stops_when_its_parent_is_killed(demo):
