@@ -19,7 +19,7 @@ export CARGO_TARGET_DIR="$root/build/target-fuzz"
 CARGO=${CARGO:-cargo}
 
 TARGETS=(cookie session_record pending_login record_roundtrip discovery jwks token_response
-    jwt_header id_token redirect request unauth_paths identity)
+    jwt_header id_token redirect request unauth_paths identity authorization outpost)
 
 # Sanitizer coverage by LLVM passes (stable codegen options; no sanitizer runtime needed):
 # inline 8-bit edge counters + PC table for libFuzzer's coverage, comparison tracing for its
