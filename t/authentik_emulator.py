@@ -28,7 +28,8 @@ Every URL the emulator builds (issuer, endpoints) uses the request's Host header
 Usage:
   authentik_emulator.py --port P [--host 127.0.0.1] [--token TOKEN] [--outpost-name NAME]
                         [--state FILE]
-Port 0 picks a free port.  Prints one line `ready http://HOST:PORT/` once listening.
+Port 0 picks a free port.  Prints one line `ready http://HOST:PORT/` once listening
+(`--cert FILE --key FILE`: https and wss with that certificate, `ready https://...`).
 With --state the data (token, outpost, providers, sessions, app passwords) is written to
 FILE on every change and read back at start, so a restart on the same port keeps it.
 
@@ -250,7 +251,7 @@ def page(title: str, inner: str, status: int = 200, headers: dict | None = None)
 def origin_of(request: web.Request) -> str:
     """scheme://host as Django's build_absolute_uri sees it (Host header, X-Forwarded-Proto)."""
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    scheme = proto if proto in ("http", "https") else "http"
+    scheme = proto if proto in ("http", "https") else ("https" if request.secure else "http")
     host = request.headers.get("Host") or f"{request.url.host}:{request.url.port}"
     return f"{scheme}://{host}"
 
@@ -1400,17 +1401,25 @@ async def main():
     ap.add_argument("--token", default="nginx-authentik-test-token")
     ap.add_argument("--outpost-name", default="nginx outpost")
     ap.add_argument("--state", default=None)
+    ap.add_argument("--cert", default=None, help="PEM certificate: serve https (and wss) with it")
+    ap.add_argument("--key", default=None, help="its PEM private key")
     args = ap.parse_args()
+    ssl_context = None
+    if args.cert:
+        import ssl
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.cert, args.key)
 
     em = Emulator(args.token, args.outpost_name, args.state)
     em.save()
     app = build_app(em)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True, ssl_context=ssl_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    sys.stdout.write(f"ready http://{args.host}:{port}/\n")
+    scheme = "https" if ssl_context else "http"
+    sys.stdout.write(f"ready {scheme}://{args.host}:{port}/\n")
     sys.stdout.flush()
 
     stop = asyncio.Event()

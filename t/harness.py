@@ -917,7 +917,10 @@ class Authentik:
     DEFAULT_TOKEN = "nginx-authentik-test-token"
 
     def __init__(self, workdir: Path, port: int = 0, token: str = DEFAULT_TOKEN, outpost_name: str = "nginx outpost",
-                 state_file: Path | None = None):
+                 state_file: Path | None = None, tls: tuple[Path, Path] | None = None):
+        # tls: (certificate, key) PEM files: the emulator serves https/wss, and the control
+        # calls trust that certificate
+        self.tls = tls
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or None
@@ -933,6 +936,8 @@ class Authentik:
         port = self.port or self.requested_port
         cmd = [sys.executable, str(T_DIR / "authentik_emulator.py"), "--port", str(port), "--token",
                self.initial_token, "--outpost-name", self.outpost_name, "--state", str(self.state_file)]
+        if self.tls:
+            cmd += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
         self.stdout_path = self.workdir / "authentik.out"
         self.stderr_path = self.workdir / "authentik.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "ab") as err:
@@ -958,7 +963,7 @@ class Authentik:
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, path: str = "/", host: str | None = None) -> str:
         return f"http://{host or '127.0.0.1'}:{self.port}{path}"
@@ -990,6 +995,8 @@ class Authentik:
 
     # -- control endpoints --
     def _control(self, method: str, what: str, **kw):
+        if self.tls:
+            kw.setdefault("verify", str(self.tls[0]))
         r = requests.request(method, f"{self.origin}/__control/{what}", timeout=10, **kw)
         if r.status_code >= 400:
             raise RuntimeError(f"emulator {method} /__control/{what}: {r.status_code} {r.text[:500]}")

@@ -615,3 +615,44 @@ def test_outpost_beside_provider_blocks(nginx, authentik, provider, upstream, tm
     e = echo(b.login(host_url(nginx, f"app.{DOMAIN}", "/a"), "alice"))
     assert e.get("X-authentik-username") == "alice" and e.get("X-authentik-meta-provider") == "app"
     assert session_cookie(b, app) and b.cookie(session_cookie_name(client["client_id"]))
+
+
+def make_cert(d) -> tuple:
+    """A throwaway self-signed certificate for 127.0.0.1 (openssl CLI)."""
+    import subprocess
+    cert, key = d / "authentik.crt", d / "authentik.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_tls_to_authentik_is_verified(nginx, upstream, tmp_path):
+    """authentik over https (API, websocket, token calls): with `ca_file` naming its private CA
+    everything works; without it the certificate is refused (no providers, one error line)."""
+    cert, key = make_cert(tmp_path)
+    ak = Authentik(tmp_path / "authentik-tls", outpost_name=OUTPOST_NAME, tls=(cert, key)).start()
+    try:
+        assert ak.origin.startswith("https://")
+        app = ak.add_provider("app", "app", ext_host(nginx, f"app.{DOMAIN}"))
+        # without ca_file: the system store does not know this certificate
+        nginx.start(outpost_config(ak, tmp_path, upstream, [(f"app.{DOMAIN}", "app")], refresh="30s"))
+        eventually(lambda: re.search(r"\[error\][^\n]*cannot fetch the outpost configuration[^\n]*https://127\.0\.0\.1",
+                                     nginx.error_log()), 15, "an error line about authentik's certificate")
+        assert fresh_get(host_url(nginx, f"app.{DOMAIN}", "/")).status_code == 503
+        assert not connected_ws(ak.websockets())
+        # the TLS handshake failed: no API call reached authentik
+        assert ak.api_calls()["calls"] == []
+        nginx.stop()
+        # with ca_file: API, websocket and a whole login (token call over TLS too)
+        nginx.start(outpost_config(ak, tmp_path, upstream, [(f"app.{DOMAIN}", "app")], ca_file=cert))
+        wait_served(nginx, f"app.{DOMAIN}")
+        ak.wait_websocket(lambda v: any(c["hello_count"] for c in connected_ws(v)), what="HELLO over wss")
+        b = Browser()
+        b.s.verify = str(cert)
+        e = echo(b.login(host_url(nginx, f"app.{DOMAIN}", "/tls"), "alice"))
+        assert e.get("X-authentik-username") == "alice"
+        assert e.get("X-authentik-meta-provider") == "app"
+        assert app["client_id"]
+    finally:
+        ak.stop()
