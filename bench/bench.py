@@ -53,14 +53,15 @@ BENCH_MODULE = REPO / "build" / "bench" / "ngx_http_authentik_module.so"
 NOISE_CORES = 0.3  # a run during which other processes used more CPU than this is repeated (budget)
 FRONT_CPU = {1}  # per-core runs: the front server alone on CPU 1 ...
 OTHER_CPU = {0}  # ... wrk, the upstream and the auth responder on CPU 0
-SETUPS = ["baseline", "authentik", "auth_request", "apache"]
+SETUPS = ["baseline", "authentik", "authentik_bearer", "auth_request", "apache"]
 LABEL = {
     "baseline": "1 nginx proxy_pass, no auth",
     "authentik": "2 nginx + auth_authentik (this module)",
+    "authentik_bearer": "2b set-up 2, header auth: cached `Authorization: Bearer`, no cookie",
     "auth_request": "3 nginx auth_request -> zero-work responder",
     "apache": "4 Apache httpd + mod_auth_openidc (shm)",
 }
-SHORT = {"baseline": "1", "authentik": "2", "auth_request": "3", "apache": "4"}
+SHORT = {"baseline": "1", "authentik": "2", "authentik_bearer": "2b", "auth_request": "3", "apache": "4"}
 
 IDENTITY = {  # what the zero-work auth responder of set-up 3 answers (alice's values)
     "X-authentik-username": "alice",
@@ -106,7 +107,7 @@ server {
     underscores_in_headers on;
     location / { return 200 "ok"; }
     location = /echo {
-        return 200 "username=$http_x_authentik_username\\ngroups=$http_x_authentik_groups\\njwt=$http_x_authentik_jwt\\noidc_username=$http_oidc_claim_preferred_username\\ncookie=$http_cookie\\n";
+        return 200 "username=$http_x_authentik_username\\ngroups=$http_x_authentik_groups\\njwt=$http_x_authentik_jwt\\nuid=$http_x_authentik_uid\\nauthorization=$http_authorization\\noidc_username=$http_oidc_claim_preferred_username\\ncookie=$http_cookie\\n";
     }
 }
 """
@@ -238,10 +239,10 @@ def machine_facts() -> dict:
     }
 
 
-def check_upstream_sees(url: str, cookies: dict, want: dict) -> dict:
+def check_upstream_sees(url: str, cookies: dict, want: dict, headers: dict | None = None) -> dict:
     """GET <front>/echo; the upstream answers with the headers it got. Checks `want` (field ->
     expected value, or True for non-empty) and returns the fields."""
-    r = requests.get(url, cookies=cookies, timeout=15, allow_redirects=False)
+    r = requests.get(url, cookies=cookies, headers=headers or {}, timeout=15, allow_redirects=False)
     if r.status_code != 200:
         raise RuntimeError(f"{url}: expected 200 from the upstream, got {r.status_code}: {r.text[:300]}")
     fields = dict(line.split("=", 1) for line in r.text.splitlines() if "=" in line)
@@ -252,8 +253,8 @@ def check_upstream_sees(url: str, cookies: dict, want: dict) -> dict:
     return fields
 
 
-def plain_ok(url: str, cookies: dict | None = None) -> None:
-    r = requests.get(url, cookies=cookies or {}, timeout=15, allow_redirects=False)
+def plain_ok(url: str, cookies: dict | None = None, headers: dict | None = None) -> None:
+    r = requests.get(url, cookies=cookies or {}, headers=headers or {}, timeout=15, allow_redirects=False)
     if r.status_code != 200 or r.text != "ok":
         raise RuntimeError(f"{url}: expected 200 'ok', got {r.status_code}: {r.text[:300]}")
 
@@ -377,6 +378,15 @@ class Bench:
         same = {"Cookie": f"{self.cookie_name}={cookie}"}
         targets["baseline"] = (self.front["baseline"].origin + "/", same)
         targets["authentik"] = (fa.origin + "/", same)
+        # set-up 2b: the same front, authenticated by the access token as a Bearer header
+        # (introspected once at the provider, then answered from the zone's cache; the cache
+        # entry lives 60 s, so a long run introspects again once a minute)
+        bearer = {"Authorization": f"Bearer {seen['jwt']}"}
+        plain_ok(fa.origin + "/", headers=bearer)
+        seen_b = check_upstream_sees(fa.origin + "/echo", {}, {"uid": True}, headers=bearer)
+        if seen_b.get("authorization"):
+            raise RuntimeError("the Authorization header reached the upstream")
+        targets["authentik_bearer"] = (fa.origin + "/", bearer)
 
         fr = self.front["auth_request"]
         check_upstream_sees(fr.origin + "/echo", {}, {"username": "alice", "groups": "admins|users"})
@@ -396,15 +406,19 @@ class Bench:
                 self.apache.stop()
         return targets
 
+    def front_of(self, setup: str):
+        """The front nginx of `setup` (2b shares set-up 2's)."""
+        return self.front["authentik" if setup == "authentik_bearer" else setup]
+
     def front_pids(self, setup: str):
         if setup == "apache":
             return self.apache.pids()
-        return self.front[setup].pids()
+        return self.front_of(setup).pids()
 
     def front_workers(self, setup: str):
         if setup == "apache":
             return self.apache.pids()  # every Apache process (the parent does no request work)
-        return self.front[setup].workers()
+        return self.front_of(setup).workers()
 
     def helper_pids(self):
         return self.upstream.pids() + self.responder.pids() + ([self.provider.proc.pid] if self.provider.proc else [])
@@ -919,6 +933,11 @@ def render(res: dict) -> str:
         if pr:
             L.append(f"2/1 per repetition (set-up 2 against the set-up 1 run just before it): "
                      f"{[round(x, 2) for x in pr]}, median **{statistics.median(pr):.2f}**")
+            L.append("")
+        pb = paired(res, "authentik_bearer", "authentik", "rps", lambda x, y: x / y, w)
+        if pb:
+            L.append(f"2b/2 per repetition (a cached Bearer header against a session cookie, same front): "
+                     f"{[round(x, 2) for x in pb]}, median **{statistics.median(pb):.2f}**")
             L.append("")
         two = s.get(("authentik", w))
         for other in ("baseline", "auth_request", "apache"):
