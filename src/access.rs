@@ -28,7 +28,7 @@ use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
-use crate::{ctx, headers, http, login, request_log, router, HttpAuthentikModule};
+use crate::{ctx, forward, headers, http, login, request_log, router, HttpAuthentikModule};
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
     let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(cf) else {
@@ -211,8 +211,11 @@ fn per_request_provider(
     let found = match target {
         OutpostTarget::Named(name) => outpost::find(mcf, name),
         OutpostTarget::Auto => {
-            let host =
-                String::from_utf8_lossy(http::bytes_of(&r.headers_in.server)).to_ascii_lowercase();
+            // A forward-auth request asks about the forwarded host (checked against the
+            // provider's scope in `forward`); any other request is about its own.
+            let host = forward::lookup_host_of(r).unwrap_or_else(|| {
+                String::from_utf8_lossy(http::bytes_of(&r.headers_in.server)).to_ascii_lowercase()
+            });
             match outpost::find_by_host(mcf, &host) {
                 Some(ByHost::Block(p)) => return Ok(p),
                 Some(ByHost::Outpost(p)) => Found::Provider(p),

@@ -37,6 +37,7 @@ mod background;
 mod call;
 mod conf;
 mod ctx;
+mod forward;
 mod headers;
 mod http;
 mod log;

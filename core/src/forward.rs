@@ -49,14 +49,12 @@ impl ForwardEndpoint {
     }
 }
 
-/// `true` when `uri` (a request path) ends in a forward-auth endpoint under any base path:
-/// used to choose the provider of `auth_authentik auto` by the forwarded host.
-pub fn names_forward_endpoint(uri: &[u8]) -> bool {
+/// The forward-auth endpoint a request path names under any base path, if any: used to choose
+/// the provider of `auth_authentik auto` by the forwarded host.
+pub fn endpoint_in_path(uri: &[u8]) -> Option<ForwardEndpoint> {
     const PREFIX: &[u8] = b"/outpost.goauthentik.io/";
-    let Some(at) = uri.windows(PREFIX.len()).position(|w| w == PREFIX) else {
-        return false;
-    };
-    ForwardEndpoint::of(&uri[at + PREFIX.len()..]).is_some()
+    let at = uri.windows(PREFIX.len()).position(|w| w == PREFIX)?;
+    ForwardEndpoint::of(&uri[at + PREFIX.len()..])
 }
 
 /// What a forward-auth request says about the original request: its headers (absent ones
@@ -358,9 +356,10 @@ mod tests {
         assert_eq!(ForwardEndpoint::of(b"auth/envoyx"), None);
         assert_eq!(ForwardEndpoint::of(b"auth/nginx/"), None);
         assert_eq!(ForwardEndpoint::of(b"auth"), None);
-        assert!(names_forward_endpoint(b"/outpost.goauthentik.io/auth/caddy"));
-        assert!(names_forward_endpoint(b"/base/outpost.goauthentik.io/auth/envoy/x"));
-        assert!(!names_forward_endpoint(b"/outpost.goauthentik.io/start"));
+        let of = endpoint_in_path;
+        assert_eq!(of(b"/outpost.goauthentik.io/auth/caddy"), Some(ForwardEndpoint::Caddy));
+        assert_eq!(of(b"/base/outpost.goauthentik.io/auth/envoy/x"), Some(ForwardEndpoint::Envoy));
+        assert_eq!(of(b"/outpost.goauthentik.io/start"), None);
     }
 
     #[test]
