@@ -126,7 +126,7 @@ fn answer_endpoint(
         }
     }
 
-    let cookies = session::scan(r, provider, true);
+    let cookies = authenticate(r, provider);
     if let Some(session) = cookies.session {
         if !set_identity_response_headers(r, provider, &session) {
             return INTERNAL_ERROR;
@@ -150,6 +150,14 @@ fn answer_endpoint(
         validate_return_to(&forward.as_string(), settings.mode, &external_origin, domain)
             .unwrap_or_else(|| response::home_url(r, provider));
     login::start(r, provider, return_to, cookies.copies > 0)
+}
+
+/// Who the forward-auth request is: the session of its cookie (the forwarded request's cookies:
+/// nginx's `auth_request`, Traefik, Caddy and Envoy pass them on). Header authentication
+/// (Bearer/Basic on the forwarded request's `Authorization`) plugs in here: a session found or
+/// created from the header goes in `session`, and the response then gets the same headers.
+fn authenticate(r: &ngx_http_request_t, provider: &Provider) -> session::CookieScan {
+    session::scan(r, provider, true)
 }
 
 /// The forward-auth headers of the request (`path_origin` and the Envoy fields left empty).

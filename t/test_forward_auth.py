@@ -285,6 +285,7 @@ def test_auth_nginx_answers_like_authentik(nginx, nginx_setup):
     assert got["X-Authentik-Meta-Provider"] == "app"
     assert got["X-Authentik-Meta-Version"].startswith("goauthentik.io/outpost/")
     assert r.headers["User-Agent"] == UA
+    assert r.headers["X-Custom-Team"] == "blue"  # alice's additionalHeaders
     assert not [k for k in r.headers if "_" in k]
     # X-Original-URI (a path) wins over X-Original-URL and resolves on the external host
     r = call(url, {"Host": APP_HOST, "X-Original-URI": "/private?q=1", "X-Original-URL": "http://evil.test/"},
