@@ -200,8 +200,10 @@ def error_lines(nginx: Nginx, text: str) -> list[str]:
 
 
 @pytest.fixture
-def front(target, tmp_path):
-    n = Nginx(target, tmp_path / "front", worker_processes=1)
+def front(tmp_path):
+    # Debian's nginx for the other proxy on both targets: the vendored build has no
+    # auth_request module (the outpost, the `nginx` fixture, runs on the target under test)
+    n = Nginx("debian", tmp_path / "front", worker_processes=1)
     yield n
     n.stop()
 
