@@ -1,10 +1,11 @@
 """Forward auth for other proxies: this nginx as the authentik outpost of another nginx
-(authentik's documented auth_request snippet, unchanged but for the addresses), of Debian's
-real Caddy (authentik's documented forward_auth Caddyfile), and of Traefik and Envoy (their
-requests as their documentation describes them).
+(Debian's, without the module, running authentik's documented auth_request snippet unchanged
+but for the addresses), of Debian's real Caddy (authentik's documented forward_auth
+Caddyfile), and of Traefik and Envoy (their requests as their documentation describes them).
 
-The outpost nginx (the `nginx` fixture, module loaded) serves only /outpost.goauthentik.io/;
-the front proxies run on their own loopback ports under app.authentik.test."""
+The outpost nginx (the `nginx` fixture, module loaded, on the target under test) serves only
+/outpost.goauthentik.io/; the front proxies run on their own loopback ports under
+app.authentik.test."""
 
 import os
 import shutil
