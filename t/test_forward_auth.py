@@ -222,9 +222,9 @@ def nginx_setup(nginx, front, provider, upstream):
 
 def test_second_nginx_with_authentiks_snippet_logs_in(nginx, front, nginx_setup):
     b = Browser()
-    # the snippet's `rd=$request_uri` is not escaped: a second query argument, or an escape,
-    # would not survive the trip (authentik's outpost reads `rd` the same way)
-    target = front.url("/private/page?x=1", host=APP_HOST)
+    # the snippet's `rd=$request_uri` is not escaped: /start keeps the rest of its query as the
+    # target, so every argument and escape survives (authentik's outpost keeps `x=1` only)
+    target = front.url("/private/page?x=1&y=%2F&z", host=APP_HOST)
     r = b.login(target, "alice", headers={"X-authentik-username": "mallory"})
     assert r.status_code == 200 and r.url == target, b.hops
     starts = [h for h in b.hops if "/outpost.goauthentik.io/start?rd=" in (h.location or "")]

@@ -9,7 +9,7 @@
 use url::Url;
 
 use crate::config::{is_host_in_domain, Mode, ProviderSettings};
-use crate::request::query_arg;
+use crate::request::{decode_query_value, query_arg};
 
 /// The forward-auth endpoints, after `/outpost.goauthentik.io/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +241,28 @@ pub fn lookup_host(endpoint: ForwardEndpoint, h: &ForwardHeaders<'_>) -> Option<
         _ => authority,
     };
     Some(host.to_ascii_lowercase())
+}
+
+/// The post-login target `rd` of `/start`, percent-decoded; but when its raw value holds a `?`,
+/// the rest of the query as it is: authentik's nginx snippet sends `rd=$request_uri` without
+/// escaping it, and the original URL's other arguments and escapes then survive the login
+/// (authentik's outpost keeps only the first argument, decoded). The result is checked by
+/// `validate_return_to` like any `rd`.
+pub fn start_return_target(args: &[u8]) -> Option<String> {
+    let mut offset = 0;
+    for pair in args.split(|&b| b == b'&') {
+        let name_end = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
+        if &pair[..name_end] == b"rd" {
+            let value = pair.get(name_end + 1..).unwrap_or_default();
+            if !value.contains(&b'?') {
+                return decode_query_value(value);
+            }
+            let rest = &args[offset + name_end + 1..];
+            return core::str::from_utf8(rest).ok().map(str::to_owned);
+        }
+        offset += pair.len() + 1;
+    }
+    None
 }
 
 /// Go's canonical header case (`textproto.CanonicalMIMEHeaderKey`): the first letter and every
@@ -516,6 +538,19 @@ mod tests {
         let h = ForwardHeaders { original_uri: Some(b"/x"), ..h };
         assert_eq!(lookup_host(ForwardEndpoint::Nginx, &h), None);
         assert_eq!(lookup_host(ForwardEndpoint::Envoy, &h), None);
+    }
+
+    #[test]
+    fn start_keeps_an_unescaped_return_target_whole() {
+        let rd = |args: &str| start_return_target(args.as_bytes());
+        assert_eq!(rd("rd=%2Fa%3Fb%3D1%26c%3D2").as_deref(), Some("/a?b=1&c=2"));
+        assert_eq!(rd("rd=/a?b=1&c=%2F").as_deref(), Some("/a?b=1&c=%2F"));
+        assert_eq!(rd("x=1&rd=/p?q=1&r=2").as_deref(), Some("/p?q=1&r=2"));
+        assert_eq!(rd("x=1&rd=/plain&y=2").as_deref(), Some("/plain"));
+        assert_eq!(rd("rdx=/a?b&y=1"), None);
+        assert_eq!(rd("rd").as_deref(), Some(""));
+        assert_eq!(rd(""), None);
+        assert_eq!(start_return_target(b"rd=/a?\xff"), None);
     }
 
     #[test]
