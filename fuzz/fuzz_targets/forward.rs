@@ -1,7 +1,7 @@
 //! Forward auth: `forward::ForwardUrl::from_headers` on the headers a proxy sends (the input is
 //! split at `\n` into X-Original-URI, X-Original-URL, X-Forwarded-Proto, -Host, -Uri, Host and
 //! Envoy's path; its first byte picks the endpoint and which headers are present), then
-//! `within` on the fixed sites.
+//! `within` on the fixed sites; and `start_return_target` (`/start`'s `rd`) on the rest.
 //! A URL built is absolute http(s) without userinfo, its target a path (not `//`) without
 //! control bytes, `\`, spaces or `#`; one `within` a site stays on it (the external origin, or
 //! a host inside the cookie domain), and is accepted as the return URL of a login unless too
@@ -9,8 +9,9 @@
 #![no_main]
 
 use authentik_core::config::{parse_cookie_domain, parse_http_url, Mode, ProviderSettings};
-use authentik_core::forward::{ForwardEndpoint, ForwardHeaders, ForwardUrl};
+use authentik_core::forward::{start_return_target, ForwardEndpoint, ForwardHeaders, ForwardUrl};
 use authentik_core::redirect::{validate_return_to, MAX_RETURN_URL};
+use authentik_core::request::query_arg;
 use authentik_fuzz::SITES;
 use libfuzzer_sys::fuzz_target;
 use url::Url;
@@ -26,6 +27,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
+    // /start's `rd` on the same bytes: a target kept whole is the query's own tail.
+    if let Some(target) = start_return_target(rest) {
+        if query_arg(rest, b"rd").is_some_and(|raw| raw.contains(&b'?')) {
+            assert!(rest.ends_with(target.as_bytes()), "{target:?}");
+        }
+    }
     let endpoint = ENDPOINTS[usize::from(selector & 3)];
     let present = |bit: u8| selector & (4 << bit) != 0 || bit >= 6;
     let mut fields = rest.split(|&b| b == b'\n');
