@@ -19,7 +19,7 @@ export CARGO_TARGET_DIR="$root/build/target-fuzz"
 CARGO=${CARGO:-cargo}
 
 TARGETS=(cookie session_record pending_login record_roundtrip discovery jwks token_response
-    jwt_header id_token redirect request unauth_paths identity authorization outpost)
+    jwt_header id_token redirect request unauth_paths identity authorization outpost forward)
 
 # Sanitizer coverage by LLVM passes (stable codegen options; no sanitizer runtime needed):
 # inline 8-bit edge counters + PC table for libFuzzer's coverage, comparison tracing for its
@@ -71,7 +71,7 @@ run_target() {
     local max_len=8192
     case "$target" in
     redirect) max_len=2100 ;;
-    request | unauth_paths | cookie | jwt_header) max_len=4096 ;;
+    request | unauth_paths | cookie | jwt_header | forward) max_len=4096 ;;
     esac
     local args=(-artifact_prefix="$artifacts/" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048
         -max_len="$max_len" "$@")

@@ -30,7 +30,7 @@ use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
-use crate::{ctx, headers, http, login, request_log, router, HttpAuthentikModule};
+use crate::{ctx, forward, headers, http, login, request_log, router, HttpAuthentikModule};
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
     let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(cf) else {
@@ -95,17 +95,13 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
             return NGX_AGAIN as ngx_int_t;
         }
         ctx.call = ptr::null_mut();
-        return match handle.take() {
+        match handle.take() {
             Some(Finished::Done(Call::HeaderAuth { cache_id, result, .. })) => {
-                match header_auth::finished(r, provider, &cache_id, result) {
-                    HeaderAuth::Authenticated(view) => pass(r, provider, view, true),
-                    _ => {
-                        let stale_cookie = session::scan(r, provider, false).copies > 0;
-                        unauthenticated(r, lcf, provider, stale_cookie, true)
-                    }
-                }
+                // The answer is cached and kept in the request context: the decision below
+                // runs again and finds it, without another provider call.
+                header_auth::finished(r, provider, &cache_id, result);
             }
-            Some(Finished::Done(call)) => login::resume(r, provider, call),
+            Some(Finished::Done(call)) => return login::resume(r, provider, call),
             Some(Finished::Panicked(msg)) => {
                 request_log!(
                     r,
@@ -113,11 +109,14 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
                     action::PROVIDER_CALL,
                     "provider task panicked: {msg}"
                 );
-                INTERNAL_ERROR
+                return INTERNAL_ERROR;
             }
-            None => INTERNAL_ERROR,
-        };
+            None => return INTERNAL_ERROR,
+        }
     }
+    let Some(ctx) = ctx::get(r) else {
+        return INTERNAL_ERROR;
+    };
     // An internal redirect moved an authenticated request into a location of another
     // provider: that provider decides, and the first one's headers go.
     if !ctx.done_for.is_null() {
@@ -272,8 +271,11 @@ fn per_request_provider(
     let found = match target {
         OutpostTarget::Named(name) => outpost::find(mcf, name),
         OutpostTarget::Auto => {
-            let host =
-                String::from_utf8_lossy(http::bytes_of(&r.headers_in.server)).to_ascii_lowercase();
+            // A forward-auth request asks about the forwarded host (checked against the
+            // provider's scope in `forward`); any other request is about its own.
+            let host = forward::lookup_host_of(r).unwrap_or_else(|| {
+                String::from_utf8_lossy(http::bytes_of(&r.headers_in.server)).to_ascii_lowercase()
+            });
             match outpost::find_by_host(mcf, &host) {
                 Some(ByHost::Block(p)) => return Ok(p),
                 Some(ByHost::Outpost(p)) => Found::Provider(p),

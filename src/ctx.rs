@@ -26,6 +26,9 @@ pub struct RequestCtx {
     pub done_for: *const Provider,
     /// The provider call the request is suspended on (see `call`).
     pub call: *mut CallHandle,
+    /// What header authentication answered for this request (`None` inside: refused), once the
+    /// provider call is done.
+    pub header_auth: Option<Option<SessionView<'static>>>,
     /// Outpost providers this request used (the last is the current one): kept alive while
     /// the request lives, since headers borrow their names and a call may be in flight.
     pub held: Vec<Rc<Provider>>,
@@ -33,7 +36,13 @@ pub struct RequestCtx {
 
 impl Default for RequestCtx {
     fn default() -> Self {
-        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut(), held: Vec::new() }
+        RequestCtx {
+            session: None,
+            done_for: ptr::null(),
+            call: ptr::null_mut(),
+            header_auth: None,
+            held: Vec::new(),
+        }
     }
 }
 

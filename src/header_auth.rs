@@ -15,7 +15,7 @@ use crate::log::action;
 use crate::provider::Provider;
 use crate::session::{self, now};
 use crate::store::{SessionStore, ZoneError};
-use crate::{http, login, request_log};
+use crate::{ctx, http, login, request_log};
 
 /// What header authentication found.
 pub enum HeaderAuth {
@@ -34,6 +34,13 @@ pub fn authenticate(r: &mut ngx_http_request_t, provider: &Provider) -> HeaderAu
     let Some(value) = http::request_header(r, b"authorization") else {
         return HeaderAuth::Absent;
     };
+    // The provider call for this request is done: its answer.
+    if let Some(outcome) = ctx::get(r).and_then(|ctx| ctx.header_auth) {
+        return match outcome {
+            Some(view) => HeaderAuth::Authenticated(view),
+            None => HeaderAuth::Failed,
+        };
+    }
     let Some(credentials) = parse_authorization(value) else {
         return HeaderAuth::Failed;
     };
@@ -48,13 +55,26 @@ pub fn authenticate(r: &mut ngx_http_request_t, provider: &Provider) -> HeaderAu
     HeaderAuth::Pending(login::start_call(r, provider, call))
 }
 
-/// The provider answered: caches the answer and returns what it means for this request.
+/// The provider answered: caches the answer and keeps it in the request context, where
+/// [`authenticate`] finds it when the access decision runs again.
 pub fn finished(
     r: &mut ngx_http_request_t,
     provider: &Provider,
     id: &SessionId,
     result: Option<Result<Box<SessionRecord>, HeaderAuthError>>,
-) -> HeaderAuth {
+) {
+    let outcome = outcome(r, provider, id, result);
+    if let Some(ctx) = ctx::get(r) {
+        ctx.header_auth = Some(outcome);
+    }
+}
+
+fn outcome(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    id: &SessionId,
+    result: Option<Result<Box<SessionRecord>, HeaderAuthError>>,
+) -> Option<SessionView<'static>> {
     let now = now();
     let record = match result {
         Some(Ok(record)) => *record,
@@ -66,19 +86,13 @@ pub fn finished(
             };
             request_log!(r, level, action::HEADER_AUTH, "authorization header refused: {e}");
             cache(r, provider, id, &failure_record(now), now);
-            return HeaderAuth::Failed;
+            return None;
         }
-        None => return HeaderAuth::Failed,
+        None => return None,
     };
     cache(r, provider, id, &record, now);
-    let bytes = record.encode();
-    let Some(copy) = http::pool_str(r, &bytes) else {
-        return HeaderAuth::Failed;
-    };
-    match SessionView::parse(http::bytes_of(&copy)) {
-        Some(view) => HeaderAuth::Authenticated(view),
-        None => HeaderAuth::Failed,
-    }
+    let copy = http::pool_str(r, &record.encode())?;
+    SessionView::parse(http::bytes_of(&copy))
 }
 
 fn cache(

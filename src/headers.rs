@@ -37,7 +37,6 @@ const META_PROVIDER: HeaderName =
 const META_APP: HeaderName = HeaderName::new("X-authentik-meta-app", "x-authentik-meta-app");
 const META_VERSION: HeaderName =
     HeaderName::new("X-authentik-meta-version", "x-authentik-meta-version");
-const META_JWKS: HeaderName = HeaderName::new("X-authentik-meta-jwks", "x-authentik-meta-jwks");
 const FORWARDED_HOST: HeaderName = HeaderName::new("X-Forwarded-Host", "x-forwarded-host");
 
 /// Removes forged identity headers; with a `session`, also the client's copies of the headers
@@ -106,15 +105,6 @@ pub fn set_identity(
         }
         if provider.settings().mode == Mode::Proxy && !replaced(&FORWARDED_HOST) {
             ok &= http::add_request_header_borrowed(r, &FORWARDED_HOST, host);
-        }
-    }
-    // The provider's keys (from its discovery document: authentik's API, or this worker's
-    // fetch), copied: the cached document may be replaced while the request lives.
-    if !replaced(&META_JWKS) {
-        if let Some(discovery) = provider.runtime.cache.any_discovery() {
-            if let Some(jwks) = discovery.jwks_uri.as_deref() {
-                ok &= http::add_request_header_dyn(r, META_JWKS.name.as_bytes(), jwks.as_bytes());
-            }
         }
     }
     for (name, value) in session.additional() {

@@ -181,6 +181,12 @@ pub fn add_response_header(r: &mut ngx_http_request_t, name: &HeaderName, value:
     push_header(r, list, Key::Known(name), Value::Copy(value)).is_some()
 }
 
+/// Adds a response header whose name is only known at run time; both name and value are copied.
+pub fn add_response_header_dyn(r: &mut ngx_http_request_t, name: &[u8], value: &[u8]) -> bool {
+    let list = &mut r.headers_out.headers as *mut _;
+    push_header(r, list, Key::Dynamic(name), Value::Copy(value)).is_some()
+}
+
 /// Removes every request header for which `doomed(name, value)` holds from the list the
 /// upstream modules (proxy, fastcgi, uwsgi, scgi, grpc) copy headers from. Returns false when
 /// memory ran out (some headers may then remain).

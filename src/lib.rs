@@ -38,6 +38,7 @@ mod background;
 mod call;
 mod conf;
 mod ctx;
+mod forward;
 mod header_auth;
 mod headers;
 mod http;

@@ -21,6 +21,7 @@ pub mod action {
     pub const SIGN_OUT: &CStr = c"signing out of authentik";
     pub const PROVIDER_CALL: &CStr = c"talking to the authentik provider";
     pub const HEADER_AUTH: &CStr = c"checking authorization header with authentik";
+    pub const FORWARD_AUTH: &CStr = c"answering an authentik forward auth request";
 }
 
 /// Logs `args` at `level` on the request's connection log with `action` as its context.

@@ -50,22 +50,36 @@ pub fn send_empty(r: &mut ngx_http_request_t, status: usize) -> ngx_int_t {
 /// Sends `status` with an HTML body and finalizes the request; the access handler then returns
 /// the result (NGX_DONE) so that phase processing stops. The request body is discarded first.
 pub fn send_page(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
+    send_body(r, status, "text/html; charset=utf-8", html)
+}
+
+/// Sends `status` with a `text/plain` body (authentik's `http.Error` answers of the
+/// forward-auth endpoints) and finalizes the request, as `send_page` does.
+pub fn send_text(r: &mut ngx_http_request_t, status: u32, text: &str) -> ngx_int_t {
+    send_body(r, status as usize, "text/plain; charset=utf-8", text)
+}
+
+fn send_body(r: &mut ngx_http_request_t, status: usize, ct: &'static str, body: &str) -> ngx_int_t {
     discard_body(r);
     let rp = r as *mut ngx_http_request_t;
-    let rc = send_page_inner(r, status, html);
+    let rc = send_body_inner(r, status, ct, body);
     // SAFETY: finalizes the request we were handed; it is not used afterwards.
     unsafe { ngx_http_finalize_request(rp, rc) };
     NGX_DONE as ngx_int_t
 }
 
-fn send_page_inner(r: &mut ngx_http_request_t, status: usize, html: &str) -> ngx_int_t {
-    let Some(body) = http::pool_str(r, html.as_bytes()) else {
+fn send_body_inner(
+    r: &mut ngx_http_request_t,
+    status: usize,
+    ct: &'static str,
+    body: &str,
+) -> ngx_int_t {
+    let Some(body) = http::pool_str(r, body.as_bytes()) else {
         return NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t;
     };
     http::add_response_header(r, &http::CACHE_CONTROL, b"no-store");
     r.headers_out.status = status as ngx_uint_t;
     r.headers_out.content_length_n = body.len as i64;
-    let ct = "text/html; charset=utf-8";
     r.headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
     r.headers_out.content_type_len = ct.len();
     r.headers_out.content_type_lowcase = ptr::null_mut();

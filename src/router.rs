@@ -1,12 +1,15 @@
-//! The `/outpost.goauthentik.io/*` endpoints: ping, start, callback, sign_out (and, in the
-//! bench build only, bench/fill); anything else there is a `404`.
+//! The `/outpost.goauthentik.io/*` endpoints: ping, start, callback, sign_out, the
+//! forward-auth endpoints `auth/*` (see `forward`) (and, in the bench build only, bench/fill);
+//! anything else there is a `404`.
 
+use authentik_core::forward::start_return_target;
 use authentik_core::redirect::validate_return_to;
-use authentik_core::request::{decode_query_value, query_arg};
+#[cfg(feature = "bench")]
+use authentik_core::request::query_arg;
 use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_HTTP_NOT_FOUND, NGX_HTTP_NO_CONTENT};
 
 use crate::provider::Provider;
-use crate::{http, login, response, session};
+use crate::{forward, http, login, response, session};
 
 pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]) -> ngx_int_t {
     match endpoint {
@@ -14,7 +17,7 @@ pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]
         b"start" => {
             let settings = provider.settings();
             let origin = response::external_origin(r, provider);
-            let rd = query_arg(http::bytes_of(&r.args), b"rd").and_then(decode_query_value);
+            let rd = start_return_target(http::bytes_of(&r.args));
             let return_to = rd
                 .and_then(|rd| {
                     let domain = settings.cookie_domain.as_deref();
@@ -28,7 +31,10 @@ pub fn endpoint(r: &mut ngx_http_request_t, provider: &Provider, endpoint: &[u8]
         b"sign_out" => login::sign_out(r, provider),
         #[cfg(feature = "bench")]
         b"bench/fill" => bench_fill(r, provider),
-        _ => {
+        other => {
+            if let Some(rc) = forward::answer(r, provider, other) {
+                return rc;
+            }
             response::discard_body(r);
             NGX_HTTP_NOT_FOUND as ngx_int_t
         }

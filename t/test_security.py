@@ -299,6 +299,12 @@ SMUGGLE_CASES = {
     "start-302": ("GET", f"{OUTPOST}/start?rd=%2Fprivate", RAW_NAV, 302),
     "sign-out-302": ("GET", f"{OUTPOST}/sign_out", RAW_NAV, 302),
     "provider-down-502": ("GET", "/down/page", RAW_NAV, 502),
+    "forward-nginx-config-500": ("POST", f"{OUTPOST}/auth/nginx", RAW_NAV, 500),
+    "forward-nginx-401": ("POST", f"{OUTPOST}/auth/nginx", RAW_NAV + [("X-Original-URI", "/private")], 401),
+    "forward-nginx-unauth-200": ("POST", f"{OUTPOST}/auth/nginx", RAW_NAV + [("X-Original-URI", "/public/x")], 200),
+    "forward-outside-403": ("POST", f"{OUTPOST}/auth/nginx", RAW_NAV + [("X-Original-URL", "http://evil.test/")],
+                            403),
+    "forward-envoy-302": ("POST", f"{OUTPOST}/auth/envoy/private", RAW_NAV, 302),
 }
 
 

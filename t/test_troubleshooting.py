@@ -38,6 +38,7 @@ NOT_MESSAGES = {
     "Basic …": "the Authorization header of the token call",
     '<p><a href="…">…</a></p>': "the page template's link (core/src/page.rs)",
     "text/html; charset=utf-8": "the Content-Type of the module's pages",
+    "text/plain; charset=utf-8": "the Content-Type of the forward-auth answers",
     "Log in again": "the link on the module's pages",
     "<!DOCTYPE html>": "the page template (core/src/page.rs)",
     "inserted …": "the answer of the bench-only fill endpoint",

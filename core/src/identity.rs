@@ -110,6 +110,20 @@ impl Identity {
         &self.values[field::USERNAME]
     }
 
+    /// Adds `X-authentik-meta-jwks` (the provider's `jwks_uri`, empty without one), kept with
+    /// the session like the other values so that every worker sends it, whatever its own
+    /// discovery cache holds; an additionalHeaders entry of that name wins.
+    pub fn add_meta_jwks(&mut self, jwks_uri: Option<&str>) {
+        if self
+            .additional
+            .iter()
+            .any(|(name, _)| header_names_equal(name.as_bytes(), META_JWKS.as_bytes()))
+        {
+            return;
+        }
+        self.additional.push((META_JWKS.to_owned(), strip_control(jwks_uri.unwrap_or_default())));
+    }
+
     /// Adds the upstream's `Authorization: Basic` from the user's attributes (authentik's
     /// `basic_auth_*`): the password attribute (nothing when it is missing, empty or not a
     /// string), the user attribute, else the email. An `Authorization` from additionalHeaders
@@ -137,6 +151,9 @@ impl Identity {
         self.additional.push(("Authorization".to_owned(), format!("Basic {credentials}")));
     }
 }
+
+/// The header that names the provider's keys (see [`Identity::add_meta_jwks`]).
+pub const META_JWKS: &str = "X-authentik-meta-jwks";
 
 /// `ak_proxy.backend_override` and `ak_proxy.host_header` (set by custom scope mappings, fixed
 /// at login) as `$authentik_backend` and `$authentik_host_header` read them.

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod cookie;
+pub mod forward;
 pub mod identity;
 pub mod oidc;
 pub mod outpost;

@@ -83,6 +83,7 @@ pub fn complete_login(
     if let Some(attributes) = &settings.basic_auth {
         identity.add_basic_auth(&claims, attributes);
     }
+    identity.add_meta_jwks(discovery.jwks_uri.as_deref());
     let mut record = SessionRecord {
         sub: string_claim(&id_claims, "sub").unwrap_or_default(),
         sid: string_claim(&id_claims, "sid"),
@@ -174,7 +175,10 @@ mod tests {
         assert_eq!(record.identity.values[3], "a@example.com");
         assert_eq!(record.identity.values[5], "user-1");
         assert_eq!(record.identity.values[6], "access-1");
-        assert_eq!(record.identity.additional, vec![("X-Team".to_owned(), "blue".to_owned())]);
+        assert_eq!(record.identity.additional[0], ("X-Team".to_owned(), "blue".to_owned()));
+        // the provider's keys travel with the session (empty: this provider has no jwks_uri)
+        assert_eq!(record.identity.additional[1].0, "X-authentik-meta-jwks");
+        assert_eq!(record.identity.additional.len(), 2);
         assert_eq!(peek_header(&record.id_token).unwrap().1, "HS256");
         assert_eq!(record.claim("preferred_username").as_deref(), Some("akadmin"));
         // the login's nonce was checked, then dropped from the stored record (compact)

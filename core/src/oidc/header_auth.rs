@@ -163,7 +163,9 @@ fn introspected(
     for field in ["active", "client_id", "token_type"] {
         claims.remove(field);
     }
-    record(claims, token, String::new(), settings.basic_auth.as_ref(), now)
+    let mut record = record(claims, token, String::new(), settings.basic_auth.as_ref(), now)?;
+    record.identity.add_meta_jwks(discovery.jwks_uri.as_deref());
+    Ok(record)
 }
 
 /// Basic: the `client_credentials` grant, then the id_token verified like a login's (without
@@ -186,7 +188,9 @@ fn app_password(
     let claims =
         validate_grant_id_token(&tokens.id_token, &jwks, &settings.client_secret, &expected)?;
     let id_token = tokens.id_token.clone();
-    record(claims, &tokens.id_token, id_token, settings.basic_auth.as_ref(), now)
+    let mut record = record(claims, &tokens.id_token, id_token, settings.basic_auth.as_ref(), now)?;
+    record.identity.add_meta_jwks(discovery.jwks_uri.as_deref());
+    Ok(record)
 }
 
 fn record(
