@@ -11,6 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use authentik_core::config::Mode;
 use authentik_core::paths::UnauthPaths;
 use authentik_core::request::{is_navigation, query_arg};
+use authentik_core::rules::Credential;
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
     ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_DECLINED, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
@@ -21,10 +22,11 @@ use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 use crate::call::Finished;
 use crate::conf::LocationConf;
 use crate::log::action;
+use crate::metrics::{self, Outcome};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
-use crate::{ctx, headers, http, login, request_log, router, HttpAuthentikModule};
+use crate::{authorize, ctx, headers, http, login, request_log, router, HttpAuthentikModule};
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
     let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(cf) else {
@@ -71,29 +73,14 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     let Some(ctx) = ctx::get_or_create(r) else {
         return INTERNAL_ERROR;
     };
+    ctx.deferred = None;
     if ptr::eq(ctx.done_for, provider) {
-        return NGX_DECLINED as ngx_int_t;
+        // Authenticated by this provider already (an internal redirect): this location's
+        // rules decide.
+        return authorize::authorized(r, lcf, provider, Credential::BrowserSession);
     }
     if !ctx.call.is_null() {
-        // SAFETY: the handle lives until both the request and the call are done with it.
-        let handle = unsafe { &mut *ctx.call };
-        if !handle.is_finished() {
-            return NGX_AGAIN as ngx_int_t;
-        }
-        ctx.call = ptr::null_mut();
-        return match handle.take() {
-            Some(Finished::Done(call)) => login::resume(r, provider, call),
-            Some(Finished::Panicked(msg)) => {
-                request_log!(
-                    r,
-                    NGX_LOG_ALERT,
-                    action::PROVIDER_CALL,
-                    "provider task panicked: {msg}"
-                );
-                INTERNAL_ERROR
-            }
-            None => INTERNAL_ERROR,
-        };
+        return resume_call(r, provider);
     }
     // An internal redirect moved an authenticated request into a location of another
     // provider: that provider decides, and the first one's headers go.
@@ -141,11 +128,12 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         };
         ctx.session = Some(session);
         ctx.done_for = provider;
-        return NGX_DECLINED as ngx_int_t;
+        return authorize::authorized(r, lcf, provider, Credential::BrowserSession);
     }
     let stale_cookie = cookies.copies > 0;
 
     if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
+        metrics::request(provider, Outcome::UnauthPath);
         return NGX_DECLINED as ngx_int_t;
     }
 
@@ -155,16 +143,47 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         http::request_header(r, b"accept"),
     );
     if !navigation {
+        let deferred = authorize::unauthenticated(r, false, stale_cookie);
         if stale_cookie {
             response::expire_session_cookie(r, provider);
         }
         let challenge = format!("Bearer realm=\"{}\"", provider.settings().name);
         http::add_response_header(r, &http::WWW_AUTHENTICATE, challenge.as_bytes());
+        if let Some(rc) = deferred {
+            // Another access module may still grant the request: its body stays unread.
+            return rc;
+        }
         response::discard_body(r);
+        metrics::request(provider, Outcome::Unauthorized);
         return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
     }
+    if let Some(rc) = authorize::unauthenticated(r, true, stale_cookie) {
+        return rc;
+    }
+    metrics::request(provider, Outcome::LoginRedirect);
     let return_to = login::return_url(r, provider);
     login::start(r, provider, return_to, stale_cookie)
+}
+
+/// Continues a request suspended on a provider call: `NGX_AGAIN` until the call has ended.
+pub fn resume_call(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
+    let Some(ctx) = ctx::get(r) else {
+        return INTERNAL_ERROR;
+    };
+    // SAFETY: the handle lives until both the request and the call are done with it.
+    let handle = unsafe { &mut *ctx.call };
+    if !handle.is_finished() {
+        return NGX_AGAIN as ngx_int_t;
+    }
+    ctx.call = ptr::null_mut();
+    match handle.take() {
+        Some(Finished::Done(call)) => login::resume(r, provider, call),
+        Some(Finished::Panicked(msg)) => {
+            request_log!(r, NGX_LOG_ALERT, action::PROVIDER_CALL, "provider task panicked: {msg}");
+            INTERNAL_ERROR
+        }
+        None => INTERNAL_ERROR,
+    }
 }
 
 /// Whether the request may pass without a session: the unauthenticated-path patterns must

@@ -25,11 +25,13 @@ pub struct RequestCtx {
     pub done_for: *const Provider,
     /// The provider call the request is suspended on (see `call`).
     pub call: *mut CallHandle,
+    /// Under `satisfy any`: the answer left for after the other access modules (`authorize`).
+    pub deferred: Option<crate::authorize::Deferred>,
 }
 
 impl Default for RequestCtx {
     fn default() -> Self {
-        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut() }
+        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut(), deferred: None }
     }
 }
 

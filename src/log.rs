@@ -20,6 +20,8 @@ pub mod action {
     pub const CREATE_SESSION: &CStr = c"creating authentik session";
     pub const SIGN_OUT: &CStr = c"signing out of authentik";
     pub const PROVIDER_CALL: &CStr = c"talking to the authentik provider";
+    pub const AUTHORIZE: &CStr = c"checking authentik_require rules";
+    pub const METRICS: &CStr = c"serving authentik metrics";
 }
 
 /// Logs `args` at `level` on the request's connection log with `action` as its context.

@@ -33,6 +33,8 @@ pub struct Provider {
     pub zone_name: Option<String>,
     /// `file:line` of the block, for errors found after it was parsed.
     pub declared_at: String,
+    /// Its counters in the metrics zone (also timing its HTTP client's calls).
+    pub metrics: Arc<crate::metrics::ProviderMetrics>,
 }
 
 impl Provider {

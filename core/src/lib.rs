@@ -10,12 +10,14 @@
 pub mod config;
 pub mod cookie;
 pub mod identity;
+pub mod metrics;
 pub mod oidc;
 pub mod page;
 pub mod paths;
 pub mod provider;
 pub mod redirect;
 pub mod request;
+pub mod rules;
 pub mod session;
 pub mod store;
 mod wire;

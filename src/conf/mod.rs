@@ -26,7 +26,7 @@ pub(crate) fn conf_error() -> *mut c_char {
 
 /// Runs a configuration handler; a panic (a bug) fails the configuration instead of unwinding
 /// into nginx.
-fn conf_guard(f: impl FnOnce() -> *mut c_char) -> *mut c_char {
+pub(crate) fn conf_guard(f: impl FnOnce() -> *mut c_char) -> *mut c_char {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| conf_error())
 }
 
@@ -43,6 +43,8 @@ pub struct MainConf {
     pub providers: Vec<Box<Provider>>,
     /// nginx's `default` thread pool, used for every call to a provider.
     pub thread_pool: *mut ngx_thread_pool_t,
+    /// The metrics zone, when some location has `authentik_metrics`.
+    pub metrics: Option<Box<crate::metrics::MetricsZone>>,
 }
 
 /// Where a directive was written, for errors reported after the fact.
@@ -86,6 +88,15 @@ pub struct LocationConf {
     pub provider: *const Provider,
     /// Provider-wide plus server/location unauthenticated paths; set by merging.
     pub unauth: UnauthPaths,
+    /// `authentik_require` at this level, or inherited; see `authorize`.
+    pub own_requirements: Option<crate::authorize::Requirements>,
+    /// The rules every authenticated request here must satisfy; set by merging.
+    pub rules: authentik_core::rules::Rules,
+}
+
+/// `file:line` of the directive being parsed, for errors reported when merging.
+pub(crate) fn origin_of(cf: &ngx_conf_t) -> String {
+    ConfOrigin::of(cf).to_string()
 }
 
 /* helpers */
@@ -269,6 +280,10 @@ pub unsafe extern "C" fn merge_loc_conf(
         }
         if conf.own_unauth.is_none() {
             conf.own_unauth = prev.own_unauth.clone();
+        }
+        let protected = matches!(conf.auth, AuthSetting::Provider(..));
+        if let Err(msg) = crate::authorize::merge(prev, conf, protected) {
+            return emerg!(cf, "{}", msg);
         }
         let AuthSetting::Provider(name, origin) = &conf.auth else {
             conf.provider = ptr::null();

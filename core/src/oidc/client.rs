@@ -14,6 +14,7 @@
 //! write by the time left until the call's deadline, failing once it has passed.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -54,6 +55,22 @@ pub enum ProviderError {
     CaFile(String),
 }
 
+/// A provider endpoint, as the call-latency histogram names it (see [`crate::metrics::ENDPOINTS`],
+/// same order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Discovery,
+    Jwks,
+    Token,
+    Userinfo,
+}
+
+/// Told how long each call to the provider took, whatever its outcome (the glue's latency
+/// histogram). Called on the thread that made the call.
+pub trait CallTimer: Send + Sync + std::fmt::Debug {
+    fn record(&self, endpoint: Endpoint, elapsed: Duration);
+}
+
 /// The fields of a token endpoint response the module uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenResponse {
@@ -71,6 +88,8 @@ pub struct ProviderClient {
     timeout: Duration,
     /// When set, no call runs past it (the deadline of a whole login).
     deadline: Option<Instant>,
+    /// Told the duration of every call.
+    timer: Option<Arc<dyn CallTimer>>,
 }
 
 /// A provider answer read to the end.
@@ -120,7 +139,7 @@ impl ProviderClient {
             .user_agent(concat!("nginx-authentik/", env!("CARGO_PKG_VERSION")))
             .build();
         let agent = Agent::with_parts(config, connector(), DefaultResolver::default());
-        Ok(ProviderClient { agent, timeout, deadline: None })
+        Ok(ProviderClient { agent, timeout, deadline: None, timer: None })
     }
 
     /// This client, with no call running past `deadline` (nor past its own timeout); an earlier
@@ -128,6 +147,21 @@ impl ProviderClient {
     pub fn with_deadline(&self, deadline: Instant) -> ProviderClient {
         let deadline = self.deadline.map_or(deadline, |earlier| earlier.min(deadline));
         ProviderClient { deadline: Some(deadline), ..self.clone() }
+    }
+
+    /// Every call from now on reports its duration to `timer`.
+    pub fn set_timer(&mut self, timer: Arc<dyn CallTimer>) {
+        self.timer = Some(timer);
+    }
+
+    /// Runs one call and reports its duration.
+    fn timed<T>(&self, endpoint: Endpoint, call: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = call();
+        if let Some(timer) = &self.timer {
+            timer.record(endpoint, started.elapsed());
+        }
+        result
     }
 
     /// The total time one call may take (`settings.timeout_ms`).
@@ -152,13 +186,13 @@ impl ProviderClient {
     /// GET `<issuer>/.well-known/openid-configuration` (joined without a double slash).
     pub fn fetch_discovery(&self, settings: &ProviderSettings) -> Result<Discovery, ProviderError> {
         let url = discovery_url(settings.issuer.as_str());
-        let reply = self.get(&url, None)?;
+        let reply = self.get(Endpoint::Discovery, &url, None)?;
         Discovery::parse(&reply.body, settings.issuer.as_str())
             .map_err(|e| reply.invalid(e.to_string()))
     }
 
     pub fn fetch_jwks(&self, jwks_uri: &str) -> Result<Jwks, ProviderError> {
-        let reply = self.get(jwks_uri, None)?;
+        let reply = self.get(Endpoint::Jwks, jwks_uri, None)?;
         Jwks::parse(&reply.body).map_err(|e| reply.invalid(e.to_string()))
     }
 
@@ -195,7 +229,9 @@ impl ProviderClient {
             form.append_pair("client_id", &settings.client_id)
                 .append_pair("client_secret", &settings.client_secret);
         }
-        let reply = read_reply(url, request.send(form.finish().as_bytes()))?;
+        let body = form.finish();
+        let reply =
+            self.timed(Endpoint::Token, || read_reply(url, request.send(body.as_bytes())))?;
         parse_token_response(&reply)
     }
 
@@ -205,7 +241,7 @@ impl ProviderClient {
         endpoint: &str,
         access_token: &str,
     ) -> Result<Map<String, Value>, ProviderError> {
-        let reply = self.get(endpoint, Some(access_token))?;
+        let reply = self.get(Endpoint::Userinfo, endpoint, Some(access_token))?;
         if reply.mime.as_deref() != Some("application/json") {
             let found = reply.mime.as_deref().unwrap_or("no content type");
             return Err(reply.invalid(format!("expected application/json, got {found}")));
@@ -213,7 +249,12 @@ impl ProviderClient {
         reply.json_object()
     }
 
-    fn get(&self, url: &str, bearer: Option<&str>) -> Result<Reply, ProviderError> {
+    fn get(
+        &self,
+        endpoint: Endpoint,
+        url: &str,
+        bearer: Option<&str>,
+    ) -> Result<Reply, ProviderError> {
         let left = self.time_left(url)?;
         let mut request = self
             .agent
@@ -225,7 +266,7 @@ impl ProviderClient {
         if let Some(token) = bearer {
             request = request.header("Authorization", format!("Bearer {token}"));
         }
-        read_reply(url, request.call())
+        self.timed(endpoint, || read_reply(url, request.call()))
     }
 }
 

@@ -1,0 +1,185 @@
+//! The metrics zone in shared memory: label tables (providers, session zones), global gauges
+//! and one block of counters per worker slot.
+//!
+//! The hot path never takes a lock: a worker adds to its own slot (`ngx_worker` modulo
+//! [`WORKER_SLOTS`]) with a relaxed atomic add on a cache line no other worker writes (two
+//! processes share a slot only while an old worker drains after a reload, or with more than
+//! `WORKER_SLOTS` workers; the adds stay exact, they only contend). A scrape sums the slots.
+//!
+//! Labels are claimed, never released, with a compare-and-swap per entry: providers known at
+//! configuration time at zone initialisation, providers added at run time whenever they
+//! appear (`register_provider`). Two processes claiming the same new name at once may take two
+//! entries: the scrape adds entries with the same name together.
+
+use core::mem::size_of;
+use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+
+use authentik_core::metrics::{ENDPOINTS, LATENCY_BUCKETS_US, LOGIN_FAILURES, REQUEST_OUTCOMES};
+
+/// Bumped (and the zone's name with it) whenever this layout changes.
+pub const MAGIC: u64 = 0x6e61_6b5f_6d65_0001;
+
+/// Distinct provider names the zone can count for until nginx restarts; the last entry is
+/// `_other`, where any further provider (or a name longer than [`MAX_LABEL`]) is counted.
+pub const MAX_PROVIDERS: usize = 64;
+/// Distinct session zone names, likewise.
+pub const MAX_ZONES: usize = 16;
+/// Counter blocks; a worker uses block `ngx_worker % WORKER_SLOTS`.
+pub const WORKER_SLOTS: usize = 32;
+/// The longest label value a table holds, bytes.
+pub const MAX_LABEL: usize = 120;
+/// The label of the last entry of each table.
+pub const OVERFLOW_LABEL: &str = "_other";
+
+/* one provider's counters, by index */
+
+pub const REQUESTS: usize = 0;
+pub const LOGINS_STARTED: usize = REQUESTS + REQUEST_OUTCOMES.len();
+pub const LOGINS_COMPLETED: usize = LOGINS_STARTED + 1;
+pub const LOGINS_FAILED: usize = LOGINS_COMPLETED + 1;
+/// Per endpoint: the buckets (`+Inf` last), the sum in microseconds.
+pub const CALLS: usize = LOGINS_FAILED + LOGIN_FAILURES.len();
+pub const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+pub const CALL_STRIDE: usize = BUCKETS + 1;
+const PROVIDER_USED: usize = CALLS + ENDPOINTS.len() * CALL_STRIDE;
+/// Rounded up to whole cache lines.
+pub const PROVIDER_COUNTERS: usize = PROVIDER_USED.div_ceil(8) * 8;
+
+/* one session zone's counters */
+
+pub const ZONE_EVICTIONS: usize = 0;
+pub const ZONE_COUNTERS: usize = 8;
+
+/* global gauges */
+
+/// Values set by whoever owns them (the outpost's background task), exported once set.
+#[allow(dead_code)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gauge {
+    /// Unix time of the last successful sync with authentik's outpost API.
+    LastOutpostSync,
+    /// Generation (revision) of the outpost configuration in use.
+    OutpostGeneration,
+    /// 1 while the outpost's websocket to authentik is connected, else 0.
+    WebsocketConnected,
+}
+
+pub const GAUGES: usize = 3;
+
+#[repr(C)]
+pub struct GaugeCell {
+    pub set: AtomicU32,
+    pub value: AtomicI64,
+}
+
+#[repr(C)]
+pub struct Label {
+    /// FREE, CLAIMED (being written) or READY.
+    state: AtomicU32,
+    len: u32,
+    name: [u8; MAX_LABEL],
+}
+
+const FREE: u32 = 0;
+const CLAIMED: u32 = 1;
+const READY: u32 = 2;
+
+#[repr(C, align(64))]
+pub struct WorkerSlot {
+    pub providers: [[AtomicU64; PROVIDER_COUNTERS]; MAX_PROVIDERS],
+    pub zones: [[AtomicU64; ZONE_COUNTERS]; MAX_ZONES],
+}
+
+/// The zone's contents. All-zero is the empty state (fresh shared memory is zero).
+#[repr(C)]
+pub struct Shared {
+    pub magic: u64,
+    pub providers: [Label; MAX_PROVIDERS],
+    pub zones: [Label; MAX_ZONES],
+    pub gauges: [GaugeCell; GAUGES],
+    pub slots: [WorkerSlot; WORKER_SLOTS],
+}
+
+pub const SHARED_SIZE: usize = size_of::<Shared>();
+
+impl Label {
+    /// The label's name, once it is ready.
+    pub fn name(&self) -> Option<&str> {
+        if self.state.load(Ordering::Acquire) != READY {
+            return None;
+        }
+        let len = (self.len as usize).min(MAX_LABEL);
+        core::str::from_utf8(&self.name[..len]).ok()
+    }
+}
+
+/// The entry of `name` in `table`, claimed if new; the last entry (`_other`) when the table is
+/// full or the name too long.
+pub fn register(table: &[Label], name: &str) -> usize {
+    let overflow = table.len() - 1;
+    if name.len() > MAX_LABEL || name == OVERFLOW_LABEL {
+        return overflow;
+    }
+    loop {
+        let mut free = None;
+        for (i, label) in table[..overflow].iter().enumerate() {
+            match label.state.load(Ordering::Acquire) {
+                READY if label.name() == Some(name) => return i,
+                FREE if free.is_none() => free = Some(i),
+                _ => {}
+            }
+        }
+        let Some(i) = free else {
+            return overflow;
+        };
+        let label = &table[i];
+        if label.state.compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            let bytes = name.as_bytes();
+            // SAFETY: the CLAIMED state makes this process the entry's only writer; readers
+            // look at the bytes only once READY is published below.
+            unsafe {
+                let entry = label as *const Label as *mut Label;
+                (&mut (*entry).name)[..bytes.len()].copy_from_slice(bytes);
+                (*entry).len = bytes.len() as u32;
+            }
+            label.state.store(READY, Ordering::Release);
+            return i;
+        }
+        // Another process took that entry: look again (it may be this very name).
+    }
+}
+
+/// Writes the overflow entries' names (a fresh zone, before any worker runs).
+pub fn init(shared: &Shared) {
+    for table in [&shared.providers[..], &shared.zones[..]] {
+        let last = &table[table.len() - 1];
+        if last.state.load(Ordering::Acquire) == READY {
+            continue;
+        }
+        let bytes = OVERFLOW_LABEL.as_bytes();
+        // SAFETY: no worker runs yet; the master is the only process touching the zone.
+        unsafe {
+            let entry = last as *const Label as *mut Label;
+            (&mut (*entry).name)[..bytes.len()].copy_from_slice(bytes);
+            (*entry).len = bytes.len() as u32;
+        }
+        last.state.store(READY, Ordering::Release);
+    }
+}
+
+/// This process's counter block.
+pub fn worker_slot(shared: &Shared) -> &WorkerSlot {
+    // SAFETY: `ngx_worker` is written once by nginx when the worker starts, before any request.
+    let worker = unsafe { core::ptr::addr_of!(nginx_sys::ngx_worker).read() };
+    &shared.slots[worker % WORKER_SLOTS]
+}
+
+/// A counter summed over every slot.
+pub fn sum_provider(shared: &Shared, provider: usize, counter: usize) -> u64 {
+    shared.slots.iter().map(|s| s.providers[provider][counter].load(Ordering::Relaxed)).sum()
+}
+
+pub fn sum_zone(shared: &Shared, zone: usize, counter: usize) -> u64 {
+    shared.slots.iter().map(|s| s.zones[zone][counter].load(Ordering::Relaxed)).sum()
+}
