@@ -53,14 +53,15 @@ BENCH_MODULE = REPO / "build" / "bench" / "ngx_http_authentik_module.so"
 NOISE_CORES = 0.3  # a run during which other processes used more CPU than this is repeated (budget)
 FRONT_CPU = {1}  # per-core runs: the front server alone on CPU 1 ...
 OTHER_CPU = {0}  # ... wrk, the upstream and the auth responder on CPU 0
-SETUPS = ["baseline", "authentik", "auth_request", "apache"]
+SETUPS = ["baseline", "authentik", "authentik_metrics", "auth_request", "apache"]
 LABEL = {
     "baseline": "1 nginx proxy_pass, no auth",
     "authentik": "2 nginx + auth_authentik (this module)",
+    "authentik_metrics": "2m set-up 2 with `authentik_metrics` (counting on)",
     "auth_request": "3 nginx auth_request -> zero-work responder",
     "apache": "4 Apache httpd + mod_auth_openidc (shm)",
 }
-SHORT = {"baseline": "1", "authentik": "2", "auth_request": "3", "apache": "4"}
+SHORT = {"baseline": "1", "authentik": "2", "authentik_metrics": "2m", "auth_request": "3", "apache": "4"}
 
 IDENTITY = {  # what the zero-work auth responder of set-up 3 answers (alice's values)
     "X-authentik-username": "alice",
@@ -138,8 +139,11 @@ server {{
 """
 
 
-def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m") -> str:
+def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m",
+                   metrics: bool = False) -> str:
+    """Set-up 2; with `metrics`, the same plus an `authentik_metrics` location (counting on)."""
     block = harness.provider_block("main", provider.issuer, client, origin, "proxy")
+    scrape = "location = /metrics { authentik_metrics; allow 127.0.0.1; deny all; }" if metrics else ""
     return app_upstream(up_port) + f"""
 authentik_session_zone zone=authentik:{zone};
 {block}
@@ -149,6 +153,7 @@ server {{
         auth_authentik main;
         {PROXY}
     }}
+    {scrape}
 }}
 """
 
@@ -319,12 +324,14 @@ class Bench:
         self.front = {
             "baseline": self.track(NginxProc("front-baseline", self.wd)),
             "authentik": self.track(NginxProc("front-authentik", self.wd, MODULE)),
+            "authentik_metrics": self.track(NginxProc("front-authentik-metrics", self.wd, MODULE)),
             "auth_request": self.track(NginxProc("front-auth-request", self.wd)),
         }
         self.cg_front = self.track(NginxProc("callgrind-authentik", self.wd, MODULE))
         self.cg_base = self.track(NginxProc("callgrind-baseline", self.wd))
         self.scale_front = self.track(NginxProc("scale-authentik", self.wd, BENCH_MODULE))
-        origins = [self.front["authentik"].origin, self.cg_front.origin, self.scale_front.origin]
+        origins = [self.front["authentik"].origin, self.front["authentik_metrics"].origin, self.cg_front.origin,
+                   self.scale_front.origin]
         self.client = self.provider.new_client(origins, client_id="nginx-bench")
         self.cookie_name = session_cookie_name(self.client["client_id"])
         self.apache = None
@@ -359,6 +366,8 @@ class Bench:
         fa = self.front["authentik"]
         self.front["baseline"].start(baseline_http(up), workers)
         fa.start(authentik_http(up, self.provider, self.client, fa.origin), workers)
+        fm = self.front["authentik_metrics"]
+        fm.start(authentik_http(up, self.provider, self.client, fm.origin, metrics=True), workers)
         self.front["auth_request"].start(auth_request_http(up, rp), workers)
         targets = {}
         plain_ok(self.front["baseline"].origin + "/")
@@ -377,6 +386,10 @@ class Bench:
         same = {"Cookie": f"{self.cookie_name}={cookie}"}
         targets["baseline"] = (self.front["baseline"].origin + "/", same)
         targets["authentik"] = (fa.origin + "/", same)
+        # set-up 2m: its own session (same length, so the same request size)
+        mcookie = login_cookie(fm.origin + "/", self.cookie_name)
+        plain_ok(fm.origin + "/", {self.cookie_name: mcookie})
+        targets["authentik_metrics"] = (fm.origin + "/", {"Cookie": f"{self.cookie_name}={mcookie}"})
 
         fr = self.front["auth_request"]
         check_upstream_sees(fr.origin + "/echo", {}, {"username": "alice", "groups": "admins|users"})
@@ -495,12 +508,25 @@ class Bench:
                                  extra={"rep": rep})
             # the session must still be valid after the runs
             plain_ok(targets["authentik"][0], {self.cookie_name: self.session_cookie})
+            self.check_metrics(workers)
             if percore:
                 self.paced(targets)
         for f in self.front.values():
             f.stop()
         if self.apache:
             self.apache.stop()
+
+    def check_metrics(self, workers: int):
+        """Set-up 2m counted every request it served: its sessions counter against wrk's totals."""
+        text = requests.get(self.front["authentik_metrics"].origin + "/metrics", timeout=10).text
+        m = re.search(r'^authentik_requests_total\{provider="main",outcome="session"\} (\d+)$', text, re.M)
+        counted = int(m.group(1)) if m else None
+        sent = sum(r["requests"] for r in self.res["runs"]
+                   if r["setup"] == "authentik_metrics" and r["workers"] == workers)
+        self.res.setdefault("metrics_check", {})[str(workers)] = {"counted": counted, "wrk_requests": sent}
+        log(f"  2m counted {counted} session requests; wrk completed {sent} in the measured runs (plus warm-up)")
+        if counted is None or counted < sent:
+            raise RuntimeError(f"set-up 2m counted {counted} session requests, fewer than wrk's {sent}")
 
     def paced(self, targets):
         """p50/p99 at a fixed moderate rate: half of the baseline's maximum (1 worker)."""
@@ -919,6 +945,11 @@ def render(res: dict) -> str:
         if pr:
             L.append(f"2/1 per repetition (set-up 2 against the set-up 1 run just before it): "
                      f"{[round(x, 2) for x in pr]}, median **{statistics.median(pr):.2f}**")
+            L.append("")
+        pm = paired(res, "authentik_metrics", "authentik", "rps", lambda x, y: x / y, w)
+        if pm:
+            L.append(f"2m/2 (metrics on against off) per repetition: {[round(x, 2) for x in pm]}, median "
+                     f"**{statistics.median(pm):.2f}**")
             L.append("")
         two = s.get(("authentik", w))
         for other in ("baseline", "auth_request", "apache"):

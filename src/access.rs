@@ -14,12 +14,11 @@ use authentik_core::request::{is_navigation, query_arg};
 use authentik_core::rules::Credential;
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
-    ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_DECLINED, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
+    ngx_http_request_t, ngx_int_t, NGX_DECLINED, NGX_HTTP_UNAUTHORIZED, NGX_LOG_ALERT,
 };
 use ngx::core::Status;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
-use crate::call::Finished;
 use crate::conf::LocationConf;
 use crate::log::action;
 use crate::metrics::{self, Outcome};
@@ -80,7 +79,7 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         return authorize::authorized(r, lcf, provider, Credential::BrowserSession);
     }
     if !ctx.call.is_null() {
-        return resume_call(r, provider);
+        return login::resume_call(r, provider);
     }
     // An internal redirect moved an authenticated request into a location of another
     // provider: that provider decides, and the first one's headers go.
@@ -163,27 +162,6 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     metrics::request(provider, Outcome::LoginRedirect);
     let return_to = login::return_url(r, provider);
     login::start(r, provider, return_to, stale_cookie)
-}
-
-/// Continues a request suspended on a provider call: `NGX_AGAIN` until the call has ended.
-pub fn resume_call(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
-    let Some(ctx) = ctx::get(r) else {
-        return INTERNAL_ERROR;
-    };
-    // SAFETY: the handle lives until both the request and the call are done with it.
-    let handle = unsafe { &mut *ctx.call };
-    if !handle.is_finished() {
-        return NGX_AGAIN as ngx_int_t;
-    }
-    ctx.call = ptr::null_mut();
-    match handle.take() {
-        Some(Finished::Done(call)) => login::resume(r, provider, call),
-        Some(Finished::Panicked(msg)) => {
-            request_log!(r, NGX_LOG_ALERT, action::PROVIDER_CALL, "provider task panicked: {msg}");
-            INTERNAL_ERROR
-        }
-        None => INTERNAL_ERROR,
-    }
 }
 
 /// Whether the request may pass without a session: the unauthenticated-path patterns must

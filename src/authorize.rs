@@ -282,7 +282,7 @@ fn finish(r: &mut ngx_http_request_t) -> ngx_int_t {
     };
     if !ctx.call.is_null() {
         // The deferred login waits for the provider's discovery document.
-        return crate::access::resume_call(r, provider);
+        return login::resume_call(r, provider);
     }
     let Some(deferred) = ctx.deferred.take() else {
         return NGX_DECLINED as ngx_int_t;

@@ -15,7 +15,7 @@ use nginx_sys::{
 };
 use ngx::http::HttpModuleMainConf;
 
-use crate::call::{self, AfterDiscovery, Call, CallError};
+use crate::call::{self, AfterDiscovery, Call, CallError, Finished};
 use crate::log::action;
 use crate::metrics::{self, LoginFailure};
 use crate::provider::Provider;
@@ -211,6 +211,27 @@ fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
             request_log!(r, NGX_LOG_ALERT, what, "{e}");
             INTERNAL_ERROR
         }
+    }
+}
+
+/// Continues a request suspended on a provider call: `NGX_AGAIN` until the call has ended.
+pub fn resume_call(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
+    let Some(ctx) = ctx::get(r) else {
+        return INTERNAL_ERROR;
+    };
+    // SAFETY: the handle lives until both the request and the call are done with it.
+    let handle = unsafe { &mut *ctx.call };
+    if !handle.is_finished() {
+        return NGX_AGAIN as ngx_int_t;
+    }
+    ctx.call = core::ptr::null_mut();
+    match handle.take() {
+        Some(Finished::Done(call)) => resume(r, provider, call),
+        Some(Finished::Panicked(msg)) => {
+            request_log!(r, NGX_LOG_ALERT, action::PROVIDER_CALL, "provider task panicked: {msg}");
+            INTERNAL_ERROR
+        }
+        None => INTERNAL_ERROR,
     }
 }
 
