@@ -272,7 +272,7 @@ fn finish(r: &mut ngx_http_request_t) -> ngx_int_t {
         return NGX_DECLINED as ngx_int_t;
     };
     let lcf: &LocationConf = lcf;
-    if lcf.provider.is_null() || HttpAuthentikModule::main_conf(r).is_none() {
+    if lcf.provider.is_null() {
         return NGX_DECLINED as ngx_int_t;
     }
     // SAFETY: providers live in the main configuration for the cycle's lifetime.

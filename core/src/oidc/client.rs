@@ -531,6 +531,41 @@ mod tests {
         assert!(requests[0].header("user-agent").unwrap().starts_with("nginx-authentik/"));
     }
 
+    #[derive(Debug, Default)]
+    struct Recorded(std::sync::Mutex<Vec<Endpoint>>);
+
+    impl CallTimer for Recorded {
+        fn record(&self, endpoint: Endpoint, _elapsed: Duration) {
+            self.0.lock().unwrap().push(endpoint);
+        }
+    }
+
+    #[test]
+    fn every_call_is_timed_failed_ones_too() {
+        let server = TestServer::start(|req, base| match req.target.as_str() {
+            "/.well-known/openid-configuration" => {
+                Canned::json(200, discovery_json(base, &format!("{base}/")))
+            }
+            _ => Canned::raw(500, "text/plain", "down"),
+        });
+        let s = settings(&server.url("/"));
+        let timer = Arc::new(Recorded::default());
+        let mut c = client(&s);
+        c.set_timer(timer.clone());
+        let d = c.fetch_discovery(&s).unwrap();
+        assert!(c.fetch_jwks(&server.url("/jwks")).is_err());
+        assert!(c.exchange_code(&s, &d, "code", "verifier", "https://app/cb").is_err());
+        assert!(c
+            .with_deadline(Instant::now() + Duration::from_secs(5))
+            .userinfo(&server.url("/ui"), "t")
+            .is_err());
+        let seen = timer.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [Endpoint::Discovery, Endpoint::Jwks, Endpoint::Token, Endpoint::Userinfo]
+        );
+    }
+
     #[test]
     fn discovery_with_wrong_issuer_is_invalid() {
         let server = TestServer::start(|_, base| {
