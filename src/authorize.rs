@@ -38,7 +38,7 @@ use crate::log::action;
 use crate::metrics::{self, Outcome};
 use crate::provider::{Provider, OUTPOST_PREFIX};
 use crate::response::{self, INTERNAL_ERROR};
-use crate::{ctx, login, request_log, HttpAuthentikModule};
+use crate::{ctx, http, login, request_log, HttpAuthentikModule};
 
 /// `authentik_require` as written at one level: its rules, or `off`, and where.
 #[derive(Clone, Default)]
@@ -224,6 +224,19 @@ fn deny(
     }
 }
 
+/// Hides every `WWW-Authenticate` response header (nginx skips headers whose hash is 0, as its
+/// access checker does when a module grants access under `satisfy any`).
+fn drop_challenges(r: &mut ngx_http_request_t) {
+    for header in http::header_elts(&r.headers_out.headers) {
+        // SAFETY: live elements of the request's response header list.
+        let header = unsafe { &mut *header };
+        if http::bytes_of(&header.key).eq_ignore_ascii_case(http::WWW_AUTHENTICATE.name.as_bytes())
+        {
+            header.hash = 0;
+        }
+    }
+}
+
 /* the handler that runs after every other access handler */
 
 /// Registers [`finish_handler`] first in the access phase's array: nginx runs that array from
@@ -290,6 +303,8 @@ fn finish(r: &mut ngx_http_request_t) -> ngx_int_t {
     match deferred {
         Deferred::Login { stale_cookie } => {
             metrics::request(provider, Outcome::LoginRedirect);
+            // The other modules' challenges (`auth_basic`'s) do not belong on a redirect.
+            drop_challenges(r);
             let return_to = login::return_url(r, provider);
             login::start(r, provider, return_to, stale_cookie)
         }

@@ -295,6 +295,7 @@ def test_satisfy_any_with_auth_basic(app):
     # wrong Basic credentials from a browser: the login
     r = fresh_get(app.url("/api"), auth=("ops", "wrong"))
     assert r.status_code == 302 and "state=" in r.headers["Location"]
+    assert "WWW-Authenticate" not in r.headers, r.headers
     # a session alone
     alice = logged_in(app, "alice")
     r = alice.get(app.url("/api"))
