@@ -563,18 +563,20 @@ class Bench:
     def callgrind(self):
         n = self.p.callgrind_n
         out = {}
-        for name, front in (("baseline", self.cg_base), ("authentik", self.cg_front)):
+        runs = (("baseline", self.cg_base), ("authentik", self.cg_front), ("authentik_metrics", self.cg_front))
+        for name, front in runs:
             log(f"callgrind: {name}, {n} sequential keep-alive requests on one connection")
             outfile = self.wd / f"callgrind.{name}.out"
             conf = (baseline_http(self.upstream.port) if name == "baseline" else
-                    authentik_http(self.upstream.port, self.provider, self.client, front.origin))
+                    authentik_http(self.upstream.port, self.provider, self.client, front.origin,
+                                   metrics=name == "authentik_metrics"))
             front.start(conf, 1, master=False, timeout=90,
                         wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
                                  "--dump-instr=no", "--collect-jumps=no"])
             try:
                 # same request bytes as set-up 2 (a session cookie of the same name and length)
                 hdr = {"Cookie": f"{self.cookie_name}={getattr(self, 'session_cookie', 'x' * 43)}"}
-                if name == "authentik":
+                if name != "baseline":
                     cookie = login_cookie(front.origin + "/", self.cookie_name, timeout=120)
                     hdr = {"Cookie": f"{self.cookie_name}={cookie}"}
                 conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=60)
@@ -604,6 +606,7 @@ class Bench:
         a, b = out["authentik"], out["baseline"]
         out["n"] = n
         out["delta_per_req"] = a["total_per_req"] - b["total_per_req"]
+        out["metrics_delta_per_req"] = out["authentik_metrics"]["total_per_req"] - a["total_per_req"]
         self.res["callgrind"] = out
         log(f"  module: access_handler inclusive {a.get('access_handler_per_req', 0):.0f} instr/request; "
             f"total +{out['delta_per_req']:.0f} over baseline")
@@ -994,6 +997,10 @@ def render(res: dict) -> str:
         L.append(f"| set-up 1 (no module) total | {b['total_per_req']:,.0f} |")
         L.append(f"| set-up 2 total | {a['total_per_req']:,.0f} |")
         L.append(f"| difference | {cg['delta_per_req']:+,.0f} ({cg['delta_per_req'] / b['total_per_req'] * 100:+.1f}%) |")
+        if "authentik_metrics" in cg:
+            m = cg["authentik_metrics"]
+            L.append(f"| set-up 2m (metrics on) total | {m['total_per_req']:,.0f} |")
+            L.append(f"| 2m minus 2 (counting one request) | {cg['metrics_delta_per_req']:+,.0f} |")
         L.append(f"| module access handler, inclusive (everything it calls) | {a['access_handler_per_req']:,.0f} "
                  f"({a['access_handler_per_req'] / a['total_per_req'] * 100:.1f}% of set-up 2) |")
         L.append(f"| module request-context cleanup (`drop_ctx`, at request-pool destruction), inclusive | "

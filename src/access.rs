@@ -76,7 +76,7 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     if ptr::eq(ctx.done_for, provider) {
         // Authenticated by this provider already (an internal redirect): this location's
         // rules decide.
-        return authorize::authorized(r, lcf, provider, Credential::BrowserSession);
+        return authorize::authorized(r, lcf, provider, Credential::BrowserSession, true);
     }
     if !ctx.call.is_null() {
         return login::resume_call(r, provider);
@@ -127,7 +127,7 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         };
         ctx.session = Some(session);
         ctx.done_for = provider;
-        return authorize::authorized(r, lcf, provider, Credential::BrowserSession);
+        return authorize::authorized(r, lcf, provider, Credential::BrowserSession, false);
     }
     let stale_cookie = cookies.copies > 0;
 

@@ -133,15 +133,19 @@ fn satisfy_any(r: &ngx_http_request_t) -> bool {
 }
 
 /// The authenticated request's rules: `NGX_OK` when they hold, else the `403` (deferred under
-/// `satisfy any`). The session is the one in the request context.
+/// `satisfy any`). The session is the one in the request context. `again`: checked once more
+/// after an internal redirect (a request passing twice is counted once).
 pub fn authorized(
     r: &mut ngx_http_request_t,
     lcf: &LocationConf,
     provider: &Provider,
     credential: Credential,
+    again: bool,
 ) -> ngx_int_t {
     let Some(failing) = failing_rule(r, &lcf.rules) else {
-        metrics::request(provider, Outcome::for_credential(credential));
+        if !again {
+            metrics::request(provider, Outcome::for_credential(credential));
+        }
         return NGX_OK as ngx_int_t;
     };
     if satisfy_any(r) {

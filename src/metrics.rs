@@ -273,9 +273,10 @@ unsafe fn init_zone_inner(shm_zone: &mut ngx_shm_zone_t, old: *const MetricsZone
         if fresh.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
-        // SAFETY: a fresh allocation of the right size, zero as every fresh page of shared
-        // memory; no worker runs yet. The magic goes in last.
+        // SAFETY: a fresh allocation of the right size; all-zero is the empty state of every
+        // field (atomics and bytes); no worker runs yet. The magic goes in last.
         unsafe {
+            ptr::write_bytes(fresh as *mut u8, 0, shared::SHARED_SIZE);
             shared::init(&*fresh);
             (*fresh).magic = shared::MAGIC;
             (*shpool).data = fresh as *mut c_void;

@@ -31,6 +31,8 @@ server {{
     location / {{ auth_authentik main; authentik_unauth_paths ^/public/; proxy_pass {up}; }}
     location /admin {{ auth_authentik main; authentik_require group admins; proxy_pass {up}; }}
     location /down {{ auth_authentik down; proxy_pass {up}; }}
+    location /go {{ auth_authentik main; try_files /nonexistent @inner; }}
+    location @inner {{ auth_authentik main; proxy_pass {up}; }}
     location = /metrics {{ authentik_metrics; allow 127.0.0.1; deny all; }}
 }}
 """, worker_processes=worker_processes)
@@ -124,6 +126,11 @@ def test_metrics_count_a_scripted_mix_of_requests(app):
         expected["session"] += 1
     for _ in range(3):
         assert fresh_get(app.url("/admin"), cookies=cookies["alice"]).status_code == 200
+        expected["session"] += 1
+    # an internal redirect into another location of the provider: one request, counted once
+    for _ in range(2):
+        r = fresh_get(app.url("/go"), cookies=cookies["alice"])
+        assert r.status_code == 200 and echo(r).get("X-authentik-username") == "alice"
         expected["session"] += 1
     for _ in range(4):
         assert fresh_get(app.url("/admin"), cookies=cookies["bob"]).status_code == 403

@@ -11,6 +11,7 @@
 //! appear (`register_provider`). Two processes claiming the same new name at once may take two
 //! entries: the scrape adds entries with the same name together.
 
+use core::cell::UnsafeCell;
 use core::mem::size_of;
 use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
@@ -76,8 +77,9 @@ pub struct GaugeCell {
 pub struct Label {
     /// FREE, CLAIMED (being written) or READY.
     state: AtomicU32,
-    len: u32,
-    name: [u8; MAX_LABEL],
+    len: AtomicU32,
+    /// Written once by the process that claimed the entry, read once READY is published.
+    name: UnsafeCell<[u8; MAX_LABEL]>,
 }
 
 const FREE: u32 = 0;
@@ -108,8 +110,22 @@ impl Label {
         if self.state.load(Ordering::Acquire) != READY {
             return None;
         }
-        let len = (self.len as usize).min(MAX_LABEL);
-        core::str::from_utf8(&self.name[..len]).ok()
+        let len = (self.len.load(Ordering::Relaxed) as usize).min(MAX_LABEL);
+        // SAFETY: READY (acquired above) is published after the bytes were written, and they
+        // are never written again.
+        let name = unsafe { &*self.name.get() };
+        core::str::from_utf8(&name[..len]).ok()
+    }
+
+    /// Writes the name of an entry this process has claimed (or that no other process can see
+    /// yet), then publishes it.
+    fn publish(&self, name: &str) {
+        let bytes = name.as_bytes();
+        // SAFETY: the entry is CLAIMED by this process (or the zone is not shared yet): no
+        // other process writes it, and readers wait for READY.
+        unsafe { (&mut *self.name.get())[..bytes.len()].copy_from_slice(bytes) };
+        self.len.store(bytes.len() as u32, Ordering::Relaxed);
+        self.state.store(READY, Ordering::Release);
     }
 }
 
@@ -133,38 +149,24 @@ pub fn register(table: &[Label], name: &str) -> usize {
             return overflow;
         };
         let label = &table[i];
-        if label.state.compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Acquire).is_ok()
-        {
-            let bytes = name.as_bytes();
-            // SAFETY: the CLAIMED state makes this process the entry's only writer; readers
-            // look at the bytes only once READY is published below.
-            unsafe {
-                let entry = label as *const Label as *mut Label;
-                (&mut (*entry).name)[..bytes.len()].copy_from_slice(bytes);
-                (*entry).len = bytes.len() as u32;
-            }
-            label.state.store(READY, Ordering::Release);
+        let claimed =
+            label.state.compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Acquire);
+        if claimed.is_ok() {
+            label.publish(name);
             return i;
         }
         // Another process took that entry: look again (it may be this very name).
     }
 }
 
-/// Writes the overflow entries' names (a fresh zone, before any worker runs).
+/// Writes the overflow entries' names (a fresh, zeroed zone, before any worker runs).
 pub fn init(shared: &Shared) {
     for table in [&shared.providers[..], &shared.zones[..]] {
         let last = &table[table.len() - 1];
-        if last.state.load(Ordering::Acquire) == READY {
-            continue;
+        if last.state.load(Ordering::Acquire) != READY {
+            // No worker runs yet: the master is the only process touching the zone.
+            last.publish(OVERFLOW_LABEL);
         }
-        let bytes = OVERFLOW_LABEL.as_bytes();
-        // SAFETY: no worker runs yet; the master is the only process touching the zone.
-        unsafe {
-            let entry = last as *const Label as *mut Label;
-            (&mut (*entry).name)[..bytes.len()].copy_from_slice(bytes);
-            (*entry).len = bytes.len() as u32;
-        }
-        last.state.store(READY, Ordering::Release);
     }
 }
 
