@@ -1,12 +1,14 @@
 """authentik_metrics: the Prometheus text format, parsed by prometheus_client's parser, after a
 scripted mix of requests on 2 workers; every counter is checked against what was sent."""
 
+import threading
+import time
 import urllib.parse
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (OUTPOST, XHR_HEADERS, Browser, access_pids, echo, free_port, fresh_get, provider_block,
+from harness import (CALLBACK_PATH, OUTPOST, XHR_HEADERS, Browser, access_pids, echo, free_port, fresh_get, provider_block,
                      session_cookie_name)
 
 OUTCOMES = ["session", "header_auth", "unauth_path", "login_redirect", "unauthorized", "forbidden"]
@@ -242,3 +244,42 @@ def test_metrics_endpoint_methods_and_access(app):
     # allow/deny apply as for stub_status (127.0.0.1 is allowed here; deny all otherwise)
     samples, _ = scrape(app)
     assert value(samples, "authentik_logins_started_total", provider="main") == 0
+
+
+def test_busy_logins_and_slow_calls(app):
+    """max_pending_calls 1 and a stalled token endpoint: the second callback is `busy`, and the
+    stalled call lands in the histogram's 5 s bucket, not below."""
+    app.start(provider_extra="max_pending_calls 1;\ntimeout 10s;", worker_processes=1,
+              server_extra="location = /metrics { authentik_metrics; }")
+    callbacks = []
+    for user in ("alice", "bob"):
+        b = Browser()
+        r = b.start_login(app.url(f"/{user}"))
+        r = b.submit_login(r, user, stop=lambda r: CALLBACK_PATH in r.headers.get("Location", ""))
+        callbacks.append((b, urllib.parse.urljoin(r.url, r.headers["Location"])))
+    app.provider.stall_token(3000, count=1)
+    first = {}
+
+    def run_first():
+        b, url = callbacks[0]
+        first["resp"] = b.get(url, timeout=20)
+
+    th = threading.Thread(target=run_first)
+    th.start()
+    time.sleep(0.8)
+    b, url = callbacks[1]
+    assert b.get(url, follow=False, timeout=10).status_code == 503
+    th.join(20)
+    assert echo(first["resp"]).get("X-authentik-username") == "alice"
+    app.provider.reset()
+
+    samples, _ = scrape(app)
+    assert failures(samples, "main") == {**dict.fromkeys(REASONS, 0), "busy": 1}
+    assert value(samples, "authentik_logins_started_total", provider="main") == 2
+    assert value(samples, "authentik_logins_completed_total", provider="main") == 1
+    assert check_histogram(samples, "main", "token") == 1
+    bucket = "authentik_provider_call_duration_seconds_bucket"
+    assert value(samples, bucket, provider="main", endpoint="token", le="2.5") == 0
+    assert value(samples, bucket, provider="main", endpoint="token", le="5") == 1
+    total = value(samples, "authentik_provider_call_duration_seconds_sum", provider="main", endpoint="token")
+    assert 3.0 <= total < 5.0, total

@@ -200,6 +200,23 @@ pub unsafe extern "C" fn cmd_add_unauth_paths(
     })
 }
 
+/// Logs an `emerg` error whose message names the directive's own `file:line` (found when
+/// merging, when nginx's position is elsewhere); evaluates to NGX_CONF_ERROR.
+fn emerg_at_origin(cf: &ngx_conf_t, msg: &str) -> *mut c_char {
+    let cmsg = std::ffi::CString::new(msg).unwrap_or_default();
+    // SAFETY: logs a formatted message with the configuration's log.
+    unsafe {
+        nginx_sys::ngx_log_error_core(
+            NGX_LOG_EMERG as usize,
+            cf.log,
+            0,
+            c"%s".as_ptr(),
+            cmsg.as_ptr(),
+        )
+    };
+    conf_error()
+}
+
 /* init and merge */
 
 pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
@@ -283,7 +300,7 @@ pub unsafe extern "C" fn merge_loc_conf(
         }
         let protected = matches!(conf.auth, AuthSetting::Provider(..));
         if let Err(msg) = crate::authorize::merge(prev, conf, protected) {
-            return emerg!(cf, "{}", msg);
+            return emerg_at_origin(cf, &msg);
         }
         let AuthSetting::Provider(name, origin) = &conf.auth else {
             conf.provider = ptr::null();
