@@ -8,8 +8,9 @@ import urllib.parse
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (CALLBACK_PATH, OUTPOST, XHR_HEADERS, Browser, access_pids, echo, free_port, fresh_get, provider_block,
-                     session_cookie_name)
+from harness import (CALLBACK_PATH, OUTPOST, XHR_HEADERS, App, Browser, access_pids, echo, free_port, fresh_get,
+                     provider_block, session_cookie_name)
+from hostile_provider import HostileProvider
 
 OUTCOMES = ["session", "header_auth", "unauth_path", "login_redirect", "unauthorized", "forbidden"]
 REASONS = ["invalid_state", "provider_denied", "provider_unavailable", "token_invalid", "session_too_large",
@@ -283,3 +284,30 @@ def test_busy_logins_and_slow_calls(app):
     assert value(samples, bucket, provider="main", endpoint="token", le="5") == 1
     total = value(samples, "authentik_provider_call_duration_seconds_sum", provider="main", endpoint="token")
     assert 3.0 <= total < 5.0, total
+
+
+def test_invalid_tokens_are_counted(nginx, upstream):
+    """Against a provider that signs with the wrong key or sends an expired id_token: logins
+    failed with `token_invalid`, each after one timed token call; a valid login completes."""
+    hp = HostileProvider().start()
+    try:
+        app = App(nginx, hp, upstream)
+        app.start(worker_processes=1, provider_extra="timeout 2s;",
+                  server_extra="location = /metrics { authentik_metrics; }")
+        for fault in ("bad-sig-rs256", "expired"):
+            hp.misbehave(fault)
+            r = Browser().get(app.url("/x"))
+            assert r.status_code == 502, (fault, r.status_code)
+        hp.reset()
+        r = Browser().get(app.url("/x"))
+        assert r.status_code == 200 and echo(r).get("X-authentik-username") == "alice"
+        samples, _ = scrape(app)
+        assert failures(samples, "main") == {**dict.fromkeys(REASONS, 0), "token_invalid": 2}
+        assert value(samples, "authentik_logins_started_total", provider="main") == 3
+        assert value(samples, "authentik_logins_completed_total", provider="main") == 1
+        assert check_histogram(samples, "main", "token") == 3
+        assert check_histogram(samples, "main", "discovery") == 1
+        assert requests_by_outcome(samples, "main") == {**dict.fromkeys(OUTCOMES, 0), "login_redirect": 3,
+                                                        "session": 1}
+    finally:
+        hp.stop()
