@@ -401,7 +401,7 @@ fn render(mcf: &MainConf) -> String {
     let shared = unsafe { &*shared };
 
     // Providers by name, in the order they were first seen (a name claimed twice counts once).
-    let mut providers: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut providers: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, label) in shared.providers.iter().enumerate() {
         let Some(name) = label.name() else { continue };
         let is_overflow = i == shared.providers.len() - 1;
@@ -422,7 +422,7 @@ fn render(mcf: &MainConf) -> String {
     e.family(&family::REQUESTS);
     for (name, indexes) in &providers {
         for (o, outcome) in REQUEST_OUTCOMES.iter().enumerate() {
-            let labels = [("provider", *name), ("outcome", *outcome)];
+            let labels = [("provider", name.as_str()), ("outcome", *outcome)];
             e.sample(family::REQUESTS.name, &labels, sum(indexes, shared::REQUESTS + o));
         }
     }
@@ -438,7 +438,7 @@ fn render(mcf: &MainConf) -> String {
     e.family(&family::LOGINS_FAILED);
     for (name, indexes) in &providers {
         for (f, reason) in LOGIN_FAILURES.iter().enumerate() {
-            let labels = [("provider", *name), ("reason", *reason)];
+            let labels = [("provider", name.as_str()), ("reason", *reason)];
             e.sample(family::LOGINS_FAILED.name, &labels, sum(indexes, shared::LOGINS_FAILED + f));
         }
     }
@@ -451,7 +451,7 @@ fn render(mcf: &MainConf) -> String {
                 *bucket = sum(indexes, base + b);
             }
             let sum_us = sum(indexes, base + shared::BUCKETS);
-            let labels = [("provider", *name), ("endpoint", *endpoint)];
+            let labels = [("provider", name.as_str()), ("endpoint", *endpoint)];
             e.histogram(&family::CALL_DURATION, &labels, &buckets, sum_us);
         }
     }
@@ -470,7 +470,7 @@ fn render(mcf: &MainConf) -> String {
         }
     }
     e.family(&family::ZONE_EVICTIONS);
-    let mut zones: Vec<(&str, u64)> = Vec::new();
+    let mut zones: Vec<(String, u64)> = Vec::new();
     for (i, label) in shared.zones.iter().enumerate() {
         let Some(name) = label.name() else { continue };
         let evicted = shared::sum_zone(shared, i, shared::ZONE_EVICTIONS);
@@ -483,7 +483,7 @@ fn render(mcf: &MainConf) -> String {
         }
     }
     for (name, evicted) in zones {
-        e.sample(family::ZONE_EVICTIONS.name, &[("zone", name)], evicted);
+        e.sample(family::ZONE_EVICTIONS.name, &[("zone", &name)], evicted);
     }
 
     for (g, fam) in GAUGE_FAMILIES.iter().enumerate() {

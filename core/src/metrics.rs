@@ -217,6 +217,165 @@ fn escape_label_value(out: &mut String, text: &str) {
     }
 }
 
+/// Label tables in shared memory: a fixed array of entries, each a label value claimed once
+/// (compare-and-swap) and never released, so that counters can be indexed by entry. Atomics
+/// only: a table lives in memory that several processes read and write at once.
+pub mod labels {
+    use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+    /// The longest label value an entry holds, bytes.
+    pub const MAX_LABEL: usize = 120;
+    /// The label of the last entry of every table: what does not fit elsewhere.
+    pub const OVERFLOW_LABEL: &str = "_other";
+
+    const FREE: u32 = 0;
+    const CLAIMED: u32 = 1;
+    const READY: u32 = 2;
+    const WORDS: usize = MAX_LABEL / 8;
+
+    /// One entry; all-zero is a free entry.
+    #[repr(C)]
+    pub struct Label {
+        /// FREE, CLAIMED (being written) or READY.
+        state: AtomicU32,
+        len: AtomicU32,
+        /// The name's bytes, 8 to a word, little-endian; written before READY is published.
+        name: [AtomicU64; WORDS],
+    }
+
+    impl Label {
+        /// A free entry (tests; in shared memory, zeroed memory).
+        pub fn new() -> Label {
+            Label { state: AtomicU32::new(FREE), len: AtomicU32::new(0), name: Default::default() }
+        }
+
+        /// The entry's name, once it is ready.
+        pub fn name(&self) -> Option<String> {
+            if self.state.load(Ordering::Acquire) != READY {
+                return None;
+            }
+            let len = (self.len.load(Ordering::Relaxed) as usize).min(MAX_LABEL);
+            let mut bytes = Vec::with_capacity(WORDS * 8);
+            for word in &self.name {
+                bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            }
+            bytes.truncate(len);
+            String::from_utf8(bytes).ok()
+        }
+
+        fn is_named(&self, name: &str) -> bool {
+            self.name().as_deref() == Some(name)
+        }
+
+        /// Writes `name` (at most `MAX_LABEL` bytes) into an entry this process owns (claimed,
+        /// or not yet seen by any other process), then publishes it.
+        fn publish(&self, name: &str) {
+            let mut padded = [0u8; WORDS * 8];
+            padded[..name.len()].copy_from_slice(name.as_bytes());
+            for (word, chunk) in self.name.iter().zip(padded.chunks_exact(8)) {
+                let mut eight = [0u8; 8];
+                eight.copy_from_slice(chunk);
+                word.store(u64::from_le_bytes(eight), Ordering::Relaxed);
+            }
+            self.len.store(name.len() as u32, Ordering::Relaxed);
+            self.state.store(READY, Ordering::Release);
+        }
+    }
+
+    impl Default for Label {
+        fn default() -> Label {
+            Label::new()
+        }
+    }
+
+    /// The index of `name` in `table`, claiming a free entry if it is new; the last entry
+    /// (`_other`) when the table is full or the name too long. Two processes claiming one new
+    /// name at the same moment may take two entries: readers add entries of one name together.
+    pub fn register(table: &[Label], name: &str) -> usize {
+        let overflow = table.len() - 1;
+        if name.len() > MAX_LABEL || name == OVERFLOW_LABEL {
+            return overflow;
+        }
+        loop {
+            let mut free = None;
+            for (i, label) in table[..overflow].iter().enumerate() {
+                match label.state.load(Ordering::Acquire) {
+                    READY if label.is_named(name) => return i,
+                    FREE if free.is_none() => free = Some(i),
+                    _ => {}
+                }
+            }
+            let Some(i) = free else {
+                return overflow;
+            };
+            let claim =
+                table[i].state.compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Acquire);
+            if claim.is_ok() {
+                table[i].publish(name);
+                return i;
+            }
+            // Another process took that entry: look again (it may hold this very name).
+        }
+    }
+
+    /// Names the table's last entry `_other` (a fresh table, before other processes see it).
+    pub fn init_overflow(table: &[Label]) {
+        let last = &table[table.len() - 1];
+        if last.state.load(Ordering::Acquire) != READY {
+            last.publish(OVERFLOW_LABEL);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn table(n: usize) -> Vec<Label> {
+            let t: Vec<Label> = (0..n).map(|_| Label::new()).collect();
+            init_overflow(&t);
+            t
+        }
+
+        #[test]
+        fn names_get_stable_indexes_and_overflow() {
+            let t = table(4);
+            assert_eq!(register(&t, "main"), 0);
+            assert_eq!(register(&t, "other"), 1);
+            assert_eq!(register(&t, "main"), 0);
+            assert_eq!(register(&t, "third"), 2);
+            assert_eq!(register(&t, "fourth"), 3, "full: counted under _other");
+            assert_eq!(register(&t, "_other"), 3);
+            assert_eq!(register(&t, &"x".repeat(MAX_LABEL + 1)), 3);
+            let long = "é".repeat(MAX_LABEL / 2);
+            let t = table(3);
+            assert_eq!(register(&t, &long), 0);
+            assert_eq!(t[0].name().as_deref(), Some(long.as_str()));
+            assert_eq!(t[2].name().as_deref(), Some("_other"));
+            assert_eq!(t[1].name(), None);
+        }
+
+        #[test]
+        fn concurrent_claims_never_lose_a_name() {
+            let t = table(64);
+            std::thread::scope(|s| {
+                for thread in 0..8 {
+                    let t = &t;
+                    s.spawn(move || {
+                        for i in 0..40 {
+                            let name = format!("p{}", (i * 7 + thread) % 40);
+                            let index = register(t, &name);
+                            assert_eq!(t[index].name().as_deref(), Some(name.as_str()));
+                        }
+                    });
+                }
+            });
+            let names: Vec<_> = t[..63].iter().filter_map(Label::name).collect();
+            let distinct: std::collections::BTreeSet<_> = names.iter().collect();
+            assert_eq!(distinct.len(), 40, "{names:?}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,26 +11,22 @@
 //! appear (`register_provider`). Two processes claiming the same new name at once may take two
 //! entries: the scrape adds entries with the same name together.
 
-use core::cell::UnsafeCell;
 use core::mem::size_of;
 use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
+use authentik_core::metrics::labels::{self, Label};
 use authentik_core::metrics::{ENDPOINTS, LATENCY_BUCKETS_US, LOGIN_FAILURES, REQUEST_OUTCOMES};
 
 /// Bumped (and the zone's name with it) whenever this layout changes.
 pub const MAGIC: u64 = 0x6e61_6b5f_6d65_0001;
 
 /// Distinct provider names the zone can count for until nginx restarts; the last entry is
-/// `_other`, where any further provider (or a name longer than [`MAX_LABEL`]) is counted.
+/// `_other`, where any further provider (or a name longer than `labels::MAX_LABEL`) is counted.
 pub const MAX_PROVIDERS: usize = 64;
 /// Distinct session zone names, likewise.
 pub const MAX_ZONES: usize = 16;
 /// Counter blocks; a worker uses block `ngx_worker % WORKER_SLOTS`.
 pub const WORKER_SLOTS: usize = 32;
-/// The longest label value a table holds, bytes.
-pub const MAX_LABEL: usize = 120;
-/// The label of the last entry of each table.
-pub const OVERFLOW_LABEL: &str = "_other";
 
 /* one provider's counters, by index */
 
@@ -73,19 +69,6 @@ pub struct GaugeCell {
     pub value: AtomicI64,
 }
 
-#[repr(C)]
-pub struct Label {
-    /// FREE, CLAIMED (being written) or READY.
-    state: AtomicU32,
-    len: AtomicU32,
-    /// Written once by the process that claimed the entry, read once READY is published.
-    name: UnsafeCell<[u8; MAX_LABEL]>,
-}
-
-const FREE: u32 = 0;
-const CLAIMED: u32 = 1;
-const READY: u32 = 2;
-
 #[repr(C, align(64))]
 pub struct WorkerSlot {
     pub providers: [[AtomicU64; PROVIDER_COUNTERS]; MAX_PROVIDERS],
@@ -104,70 +87,12 @@ pub struct Shared {
 
 pub const SHARED_SIZE: usize = size_of::<Shared>();
 
-impl Label {
-    /// The label's name, once it is ready.
-    pub fn name(&self) -> Option<&str> {
-        if self.state.load(Ordering::Acquire) != READY {
-            return None;
-        }
-        let len = (self.len.load(Ordering::Relaxed) as usize).min(MAX_LABEL);
-        // SAFETY: READY (acquired above) is published after the bytes were written, and they
-        // are never written again.
-        let name = unsafe { &*self.name.get() };
-        core::str::from_utf8(&name[..len]).ok()
-    }
-
-    /// Writes the name of an entry this process has claimed (or that no other process can see
-    /// yet), then publishes it.
-    fn publish(&self, name: &str) {
-        let bytes = name.as_bytes();
-        // SAFETY: the entry is CLAIMED by this process (or the zone is not shared yet): no
-        // other process writes it, and readers wait for READY.
-        unsafe { (&mut *self.name.get())[..bytes.len()].copy_from_slice(bytes) };
-        self.len.store(bytes.len() as u32, Ordering::Relaxed);
-        self.state.store(READY, Ordering::Release);
-    }
-}
-
-/// The entry of `name` in `table`, claimed if new; the last entry (`_other`) when the table is
-/// full or the name too long.
-pub fn register(table: &[Label], name: &str) -> usize {
-    let overflow = table.len() - 1;
-    if name.len() > MAX_LABEL || name == OVERFLOW_LABEL {
-        return overflow;
-    }
-    loop {
-        let mut free = None;
-        for (i, label) in table[..overflow].iter().enumerate() {
-            match label.state.load(Ordering::Acquire) {
-                READY if label.name() == Some(name) => return i,
-                FREE if free.is_none() => free = Some(i),
-                _ => {}
-            }
-        }
-        let Some(i) = free else {
-            return overflow;
-        };
-        let label = &table[i];
-        let claimed =
-            label.state.compare_exchange(FREE, CLAIMED, Ordering::AcqRel, Ordering::Acquire);
-        if claimed.is_ok() {
-            label.publish(name);
-            return i;
-        }
-        // Another process took that entry: look again (it may be this very name).
-    }
-}
+pub use labels::register;
 
 /// Writes the overflow entries' names (a fresh, zeroed zone, before any worker runs).
 pub fn init(shared: &Shared) {
-    for table in [&shared.providers[..], &shared.zones[..]] {
-        let last = &table[table.len() - 1];
-        if last.state.load(Ordering::Acquire) != READY {
-            // No worker runs yet: the master is the only process touching the zone.
-            last.publish(OVERFLOW_LABEL);
-        }
-    }
+    labels::init_overflow(&shared.providers);
+    labels::init_overflow(&shared.zones);
 }
 
 /// This process's counter block.
