@@ -6,10 +6,10 @@
 //! processes share a slot only while an old worker drains after a reload, or with more than
 //! `WORKER_SLOTS` workers; the adds stay exact, they only contend). A scrape sums the slots.
 //!
-//! Labels are claimed, never released, with a compare-and-swap per entry: providers known at
-//! configuration time at zone initialisation, providers added at run time whenever they
-//! appear (`register_provider`). Two processes claiming the same new name at once may take two
-//! entries: the scrape adds entries with the same name together.
+//! Labels (`authentik_core::metrics::labels`) are claimed, never released, with a
+//! compare-and-swap per entry: providers known at configuration time at zone initialisation,
+//! providers added at run time whenever they appear (`metrics::attach_provider`). Two processes
+//! claiming the same new name at once may take two entries: the scrape adds them together.
 
 use core::mem::size_of;
 use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
