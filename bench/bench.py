@@ -53,15 +53,17 @@ BENCH_MODULE = REPO / "build" / "bench" / "ngx_http_authentik_module.so"
 NOISE_CORES = 0.3  # a run during which other processes used more CPU than this is repeated (budget)
 FRONT_CPU = {1}  # per-core runs: the front server alone on CPU 1 ...
 OTHER_CPU = {0}  # ... wrk, the upstream and the auth responder on CPU 0
-SETUPS = ["baseline", "authentik", "authentik_bearer", "auth_request", "apache"]
+SETUPS = ["baseline", "authentik", "authentik_bearer", "authentik_metrics", "auth_request", "apache"]
 LABEL = {
     "baseline": "1 nginx proxy_pass, no auth",
     "authentik": "2 nginx + auth_authentik (this module)",
     "authentik_bearer": "2b set-up 2, header auth: cached `Authorization: Bearer`, no cookie",
+    "authentik_metrics": "2m set-up 2 with `authentik_metrics` (counting on)",
     "auth_request": "3 nginx auth_request -> zero-work responder",
     "apache": "4 Apache httpd + mod_auth_openidc (shm)",
 }
-SHORT = {"baseline": "1", "authentik": "2", "authentik_bearer": "2b", "auth_request": "3", "apache": "4"}
+SHORT = {"baseline": "1", "authentik": "2", "authentik_bearer": "2b", "authentik_metrics": "2m", "auth_request": "3",
+         "apache": "4"}
 
 IDENTITY = {  # what the zero-work auth responder of set-up 3 answers (alice's values)
     "X-authentik-username": "alice",
@@ -139,8 +141,11 @@ server {{
 """
 
 
-def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m") -> str:
+def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m",
+                   metrics: bool = False) -> str:
+    """Set-up 2; with `metrics`, the same plus an `authentik_metrics` location (counting on)."""
     block = harness.provider_block("main", provider.issuer, client, origin, "proxy")
+    scrape = "location = /metrics { authentik_metrics; allow 127.0.0.1; deny all; }" if metrics else ""
     return app_upstream(up_port) + f"""
 authentik_session_zone zone=authentik:{zone};
 {block}
@@ -150,6 +155,7 @@ server {{
         auth_authentik main;
         {PROXY}
     }}
+    {scrape}
 }}
 """
 
@@ -320,12 +326,14 @@ class Bench:
         self.front = {
             "baseline": self.track(NginxProc("front-baseline", self.wd)),
             "authentik": self.track(NginxProc("front-authentik", self.wd, MODULE)),
+            "authentik_metrics": self.track(NginxProc("front-authentik-metrics", self.wd, MODULE)),
             "auth_request": self.track(NginxProc("front-auth-request", self.wd)),
         }
         self.cg_front = self.track(NginxProc("callgrind-authentik", self.wd, MODULE))
         self.cg_base = self.track(NginxProc("callgrind-baseline", self.wd))
         self.scale_front = self.track(NginxProc("scale-authentik", self.wd, BENCH_MODULE))
-        origins = [self.front["authentik"].origin, self.cg_front.origin, self.scale_front.origin]
+        origins = [self.front["authentik"].origin, self.front["authentik_metrics"].origin, self.cg_front.origin,
+                   self.scale_front.origin]
         self.client = self.provider.new_client(origins, client_id="nginx-bench")
         self.cookie_name = session_cookie_name(self.client["client_id"])
         self.apache = None
@@ -360,6 +368,8 @@ class Bench:
         fa = self.front["authentik"]
         self.front["baseline"].start(baseline_http(up), workers)
         fa.start(authentik_http(up, self.provider, self.client, fa.origin), workers)
+        fm = self.front["authentik_metrics"]
+        fm.start(authentik_http(up, self.provider, self.client, fm.origin, metrics=True), workers)
         self.front["auth_request"].start(auth_request_http(up, rp), workers)
         targets = {}
         plain_ok(self.front["baseline"].origin + "/")
@@ -387,6 +397,10 @@ class Bench:
         if seen_b.get("authorization"):
             raise RuntimeError("the Authorization header reached the upstream")
         targets["authentik_bearer"] = (fa.origin + "/", bearer)
+        # set-up 2m: its own session (same length, so the same request size)
+        mcookie = login_cookie(fm.origin + "/", self.cookie_name)
+        plain_ok(fm.origin + "/", {self.cookie_name: mcookie})
+        targets["authentik_metrics"] = (fm.origin + "/", {"Cookie": f"{self.cookie_name}={mcookie}"})
 
         fr = self.front["auth_request"]
         check_upstream_sees(fr.origin + "/echo", {}, {"username": "alice", "groups": "admins|users"})
@@ -509,12 +523,25 @@ class Bench:
                                  extra={"rep": rep})
             # the session must still be valid after the runs
             plain_ok(targets["authentik"][0], {self.cookie_name: self.session_cookie})
+            self.check_metrics(workers)
             if percore:
                 self.paced(targets)
         for f in self.front.values():
             f.stop()
         if self.apache:
             self.apache.stop()
+
+    def check_metrics(self, workers: int):
+        """Set-up 2m counted every request it served: its sessions counter against wrk's totals."""
+        text = requests.get(self.front["authentik_metrics"].origin + "/metrics", timeout=10).text
+        m = re.search(r'^authentik_requests_total\{provider="main",outcome="session"\} (\d+)$', text, re.M)
+        counted = int(m.group(1)) if m else None
+        sent = sum(r["requests"] for r in self.res["runs"]
+                   if r["setup"] == "authentik_metrics" and r["workers"] == workers)
+        self.res.setdefault("metrics_check", {})[str(workers)] = {"counted": counted, "wrk_requests": sent}
+        log(f"  2m counted {counted} session requests; wrk completed {sent} in the measured runs (plus warm-up)")
+        if counted is None or counted < sent:
+            raise RuntimeError(f"set-up 2m counted {counted} session requests, fewer than wrk's {sent}")
 
     def paced(self, targets):
         """p50/p99 at a fixed moderate rate: half of the baseline's maximum (1 worker)."""
@@ -551,18 +578,20 @@ class Bench:
     def callgrind(self):
         n = self.p.callgrind_n
         out = {}
-        for name, front in (("baseline", self.cg_base), ("authentik", self.cg_front)):
+        runs = (("baseline", self.cg_base), ("authentik", self.cg_front), ("authentik_metrics", self.cg_front))
+        for name, front in runs:
             log(f"callgrind: {name}, {n} sequential keep-alive requests on one connection")
             outfile = self.wd / f"callgrind.{name}.out"
             conf = (baseline_http(self.upstream.port) if name == "baseline" else
-                    authentik_http(self.upstream.port, self.provider, self.client, front.origin))
+                    authentik_http(self.upstream.port, self.provider, self.client, front.origin,
+                                   metrics=name == "authentik_metrics"))
             front.start(conf, 1, master=False, timeout=90,
                         wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={outfile}",
                                  "--dump-instr=no", "--collect-jumps=no"])
             try:
                 # same request bytes as set-up 2 (a session cookie of the same name and length)
                 hdr = {"Cookie": f"{self.cookie_name}={getattr(self, 'session_cookie', 'x' * 43)}"}
-                if name == "authentik":
+                if name != "baseline":
                     cookie = login_cookie(front.origin + "/", self.cookie_name, timeout=120)
                     hdr = {"Cookie": f"{self.cookie_name}={cookie}"}
                 conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=60)
@@ -592,6 +621,7 @@ class Bench:
         a, b = out["authentik"], out["baseline"]
         out["n"] = n
         out["delta_per_req"] = a["total_per_req"] - b["total_per_req"]
+        out["metrics_delta_per_req"] = out["authentik_metrics"]["total_per_req"] - a["total_per_req"]
         self.res["callgrind"] = out
         log(f"  module: access_handler inclusive {a.get('access_handler_per_req', 0):.0f} instr/request; "
             f"total +{out['delta_per_req']:.0f} over baseline")
@@ -939,6 +969,11 @@ def render(res: dict) -> str:
             L.append(f"2b/2 per repetition (a cached Bearer header against a session cookie, same front): "
                      f"{[round(x, 2) for x in pb]}, median **{statistics.median(pb):.2f}**")
             L.append("")
+        pm = paired(res, "authentik_metrics", "authentik", "rps", lambda x, y: x / y, w)
+        if pm:
+            L.append(f"2m/2 (metrics on against off) per repetition: {[round(x, 2) for x in pm]}, median "
+                     f"**{statistics.median(pm):.2f}**")
+            L.append("")
         two = s.get(("authentik", w))
         for other in ("baseline", "auth_request", "apache"):
             o = s.get((other, w))
@@ -982,6 +1017,10 @@ def render(res: dict) -> str:
         L.append(f"| set-up 1 (no module) total | {b['total_per_req']:,.0f} |")
         L.append(f"| set-up 2 total | {a['total_per_req']:,.0f} |")
         L.append(f"| difference | {cg['delta_per_req']:+,.0f} ({cg['delta_per_req'] / b['total_per_req'] * 100:+.1f}%) |")
+        if "authentik_metrics" in cg:
+            m = cg["authentik_metrics"]
+            L.append(f"| set-up 2m (metrics on) total | {m['total_per_req']:,.0f} |")
+            L.append(f"| 2m minus 2 (counting one request) | {cg['metrics_delta_per_req']:+,.0f} |")
         L.append(f"| module access handler, inclusive (everything it calls) | {a['access_handler_per_req']:,.0f} "
                  f"({a['access_handler_per_req'] / a['total_per_req'] * 100:.1f}% of set-up 2) |")
         L.append(f"| module request-context cleanup (`drop_ctx`, at request-pool destruction), inclusive | "

@@ -13,6 +13,7 @@ use authentik_core::config::Mode;
 use authentik_core::page::error_page;
 use authentik_core::paths::UnauthPaths;
 use authentik_core::request::{is_navigation, query_arg};
+use authentik_core::rules::Credential;
 use authentik_core::session::SessionView;
 use nginx_sys::{
     ngx_array_push, ngx_conf_t, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_ACCESS_PHASE,
@@ -26,11 +27,13 @@ use crate::call::{Call, Finished};
 use crate::conf::{LocationConf, MainConf, OutpostTarget};
 use crate::header_auth::{self, HeaderAuth};
 use crate::log::action;
+use crate::metrics::{self, Outcome};
 use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
-use crate::{ctx, forward, headers, http, login, request_log, router, HttpAuthentikModule};
+use crate::{authorize, ctx, forward, headers, http, login, request_log, router};
+use crate::HttpAuthentikModule;
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
     let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(cf) else {
@@ -85,8 +88,12 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
     let Some(ctx) = ctx::get_or_create(r) else {
         return INTERNAL_ERROR;
     };
+    ctx.deferred = None;
     if ptr::eq(ctx.done_for, provider) {
-        return NGX_DECLINED as ngx_int_t;
+        // Authenticated by this provider already (an internal redirect): this location's
+        // rules decide.
+        let credential = credential_of(ctx.header_auth.is_some());
+        return authorize::authorized(r, lcf, provider, credential, true);
     }
     if !ctx.call.is_null() {
         // SAFETY: the handle lives until both the request and the call are done with it.
@@ -161,12 +168,12 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
         response::expire_stale_cookie_scopes(r, provider);
     }
     if let Some(session) = session {
-        return pass(r, provider, session, false);
+        return pass(r, lcf, provider, session, false);
     }
     let stale_cookie = cookies.copies > 0;
     match header_auth::authenticate(r, provider) {
         HeaderAuth::Absent => unauthenticated(r, lcf, provider, stale_cookie, false),
-        HeaderAuth::Authenticated(view) => pass(r, provider, view, true),
+        HeaderAuth::Authenticated(view) => pass(r, lcf, provider, view, true),
         HeaderAuth::Failed => unauthenticated(r, lcf, provider, stale_cookie, true),
         HeaderAuth::Pending(rc) => rc,
     }
@@ -176,6 +183,7 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
 /// `Authorization` removed), the session remembered for variables and later passes.
 fn pass(
     r: &mut ngx_http_request_t,
+    lcf: &LocationConf,
     provider: &Provider,
     session: SessionView<'static>,
     by_header: bool,
@@ -191,7 +199,14 @@ fn pass(
     };
     ctx.session = Some(session);
     ctx.done_for = provider;
-    NGX_DECLINED as ngx_int_t
+    authorize::authorized(r, lcf, provider, credential_of(by_header), false)
+}
+
+fn credential_of(by_header: bool) -> Credential {
+    match by_header {
+        true => Credential::HeaderAuth,
+        false => Credential::BrowserSession,
+    }
 }
 
 /// No session: an unauthenticated path passes; a refused `Authorization` header gets a `401`
@@ -204,37 +219,46 @@ fn unauthenticated(
     stale_cookie: bool,
     header_refused: bool,
 ) -> ngx_int_t {
-    if lcf.target.is_none() {
-        if !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth) {
-            return NGX_DECLINED as ngx_int_t;
-        }
+    let exempted = if lcf.target.is_none() {
+        !lcf.unauth.is_empty() && exempt(r, provider, &lcf.unauth)
     } else {
         let own = &lcf.own_unauth_paths;
         let shared = &provider.runtime.unauth;
-        if (!shared.is_empty() && exempt(r, provider, shared))
+        (!shared.is_empty() && exempt(r, provider, shared))
             || (!own.is_empty() && exempt(r, provider, own))
-        {
-            return NGX_DECLINED as ngx_int_t;
-        }
-    }
-    if header_refused && provider.intercept_header_auth {
-        add_challenges(r, provider);
-        let msg = "The Authorization header was not accepted, so no login redirect is made.";
-        return response::page(r, provider, NGX_HTTP_UNAUTHORIZED, "Unauthenticated", msg, false);
+    };
+    if exempted {
+        metrics::request(provider, Outcome::UnauthPath);
+        return NGX_DECLINED as ngx_int_t;
     }
     let navigation = is_navigation(
         http::request_header(r, b"sec-fetch-mode"),
         http::request_header(r, b"x-requested-with"),
         http::request_header(r, b"accept"),
     );
-    if !navigation {
+    let intercepted = header_refused && provider.intercept_header_auth;
+    if !navigation || intercepted {
+        let deferred = authorize::unauthenticated(r, false, stale_cookie);
         if stale_cookie {
             response::expire_session_cookie(r, provider);
         }
         add_challenges(r, provider);
+        if let Some(rc) = deferred {
+            // Another access module may still grant the request: its body stays unread.
+            return rc;
+        }
+        metrics::request(provider, Outcome::Unauthorized);
+        if intercepted {
+            let msg = "The Authorization header was not accepted, so no login redirect is made.";
+            return response::page(r, provider, NGX_HTTP_UNAUTHORIZED, "Unauthenticated", msg, false);
+        }
         response::discard_body(r);
         return NGX_HTTP_UNAUTHORIZED as ngx_int_t;
     }
+    if let Some(rc) = authorize::unauthenticated(r, true, stale_cookie) {
+        return rc;
+    }
+    metrics::request(provider, Outcome::LoginRedirect);
     let return_to = login::return_url(r, provider);
     login::start(r, provider, return_to, stale_cookie)
 }
@@ -277,7 +301,12 @@ fn per_request_provider(
                 String::from_utf8_lossy(http::bytes_of(&r.headers_in.server)).to_ascii_lowercase()
             });
             match outpost::find_by_host(mcf, &host) {
-                Some(ByHost::Block(p)) => return Ok(p),
+                Some(ByHost::Block(p)) => {
+                    if let Some(ctx) = ctx::get(r) {
+                        ctx.chosen = p;
+                    }
+                    return Ok(p);
+                }
                 Some(ByHost::Outpost(p)) => Found::Provider(p),
                 None => {
                     request_log!(
@@ -309,6 +338,7 @@ fn per_request_provider(
             if !ctx.held.iter().any(|h| Rc::ptr_eq(h, &p)) {
                 ctx.held.push(p);
             }
+            ctx.chosen = ptr;
             return Ok(ptr);
         }
         Found::Unknown => request_log!(

@@ -29,9 +29,13 @@ pub struct RequestCtx {
     /// What header authentication answered for this request (`None` inside: refused), once the
     /// provider call is done.
     pub header_auth: Option<Option<SessionView<'static>>>,
+    /// The provider `auth_authentik auto` chose for this request (a block's or an outpost's).
+    pub chosen: *const Provider,
     /// Outpost providers this request used (the last is the current one): kept alive while
     /// the request lives, since headers borrow their names and a call may be in flight.
     pub held: Vec<Rc<Provider>>,
+    /// Under `satisfy any`: the answer left for after the other access modules (`authorize`).
+    pub deferred: Option<crate::authorize::Deferred>,
 }
 
 impl Default for RequestCtx {
@@ -41,7 +45,9 @@ impl Default for RequestCtx {
             done_for: ptr::null(),
             call: ptr::null_mut(),
             header_auth: None,
+            chosen: ptr::null(),
             held: Vec::new(),
+            deferred: None,
         }
     }
 }

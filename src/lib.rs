@@ -7,6 +7,8 @@
 //   this worker's table of them;
 // - `store`: the session store in shared memory (sessions and pending logins);
 // - `access`: the access-phase handler, the access decision for every request;
+// - `authorize`: `authentik_require` rules and how the access decision meets `satisfy`;
+// - `metrics`: counters in shared memory, `authentik_metrics` (Prometheus text format);
 // - `headers`: which client headers are removed, which identity headers are set;
 // - `header_auth`: `Authorization: Bearer|Basic` checked with the provider, cached in the zone;
 // - `router`: the `/outpost.goauthentik.io/*` endpoints;
@@ -27,13 +29,15 @@ use core::ptr;
 
 use nginx_sys::{
     ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_str_t, ngx_uint_t,
-    NGX_CONF_1MORE, NGX_CONF_2MORE, NGX_CONF_BLOCK, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
+    NGX_CONF_1MORE, NGX_CONF_2MORE, NGX_CONF_BLOCK, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
     NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
     NGX_HTTP_SRV_CONF,
 };
+use ngx::core::Status;
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
 
 mod access;
+mod authorize;
 mod background;
 mod call;
 mod conf;
@@ -44,6 +48,7 @@ mod headers;
 mod http;
 mod log;
 mod login;
+mod metrics;
 mod outpost;
 mod provider;
 mod response;
@@ -72,7 +77,10 @@ impl HttpModule for HttpAuthentikModule {
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         // SAFETY: nginx passes a valid configuration context.
         let cf = unsafe { &mut *cf };
-        access::register_handler(cf).into()
+        if !access::register_handler(cf).is_ok() {
+            return Status::NGX_ERROR.into();
+        }
+        authorize::register_finish_handler(cf).into()
     }
 }
 
@@ -115,7 +123,7 @@ const fn command(
     }
 }
 
-static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 6] = [
+static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 8] = [
     command(
         "authentik_session_zone\0",
         NGX_HTTP_MAIN_CONF | NGX_CONF_1MORE,
@@ -144,6 +152,18 @@ static mut NGX_HTTP_AUTHENTIK_COMMANDS: [ngx_command_t; 6] = [
         "authentik_unauth_paths\0",
         NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_1MORE,
         conf::cmd_add_unauth_paths,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        "authentik_require\0",
+        NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_1MORE,
+        authorize::cmd_require,
+        NGX_HTTP_LOC_CONF_OFFSET,
+    ),
+    command(
+        "authentik_metrics\0",
+        NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+        metrics::cmd_metrics,
         NGX_HTTP_LOC_CONF_OFFSET,
     ),
     ngx_command_t::empty(),

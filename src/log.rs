@@ -22,6 +22,8 @@ pub mod action {
     pub const PROVIDER_CALL: &CStr = c"talking to the authentik provider";
     pub const HEADER_AUTH: &CStr = c"checking authorization header with authentik";
     pub const FORWARD_AUTH: &CStr = c"answering an authentik forward auth request";
+    pub const AUTHORIZE: &CStr = c"checking authentik_require rules";
+    pub const METRICS: &CStr = c"serving authentik metrics";
 }
 
 /// Logs `args` at `level` on the request's connection log with `action` as its context.

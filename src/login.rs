@@ -19,8 +19,9 @@ use nginx_sys::{
 };
 use ngx::http::HttpModuleMainConf;
 
-use crate::call::{self, AfterDiscovery, Call, CallError};
+use crate::call::{self, AfterDiscovery, Call, CallError, Finished};
 use crate::log::action;
+use crate::metrics::{self, LoginFailure};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session::{self, now};
@@ -59,6 +60,7 @@ pub fn start(
     let Some(discovery) = usable else {
         if let Some(failure) = failure {
             request_log!(r, NGX_LOG_ERR, action::DISCOVERY, "{failure}");
+            metrics::login_failed(provider, LoginFailure::ProviderUnavailable);
             return response::provider_unavailable(r, provider);
         }
         let then = AfterDiscovery::StartLogin { return_to, stale_cookie };
@@ -70,9 +72,11 @@ pub fn start(
     if let Err(e) = provider.zone().insert_login(&login, provider.login_timeout, now()) {
         request_log!(r, NGX_LOG_ERR, action::START_LOGIN, "{e}");
         if let ZoneError::TooLarge(..) = e {
+            metrics::login_failed(provider, LoginFailure::BadRequest);
             let msg = "This request is too large to log in from.";
             return response::page(r, provider, NGX_HTTP_BAD_REQUEST, "Bad request", msg, true);
         }
+        metrics::login_failed(provider, LoginFailure::Busy);
         return response::busy(r, provider);
     }
     let url = authorize_url(
@@ -90,6 +94,7 @@ pub fn start(
         response::expire_session_cookie(r, provider);
     }
     response::set_cookie(r, &set);
+    metrics::login_started(provider);
     response::redirect(r, &url)
 }
 
@@ -124,6 +129,7 @@ pub fn callback(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
             "identity provider refused the login: \"{error}\""
         );
         response::expire_cookie(r, provider, &login_cookie, &response::login_cookie_path(provider));
+        metrics::login_failed(provider, LoginFailure::ProviderDenied);
         let msg = "The identity provider did not allow this login.";
         return response::page(r, provider, NGX_HTTP_FORBIDDEN, "Access denied", msg, true);
     }
@@ -204,12 +210,36 @@ pub fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -
         }
         Err(e @ CallError::Busy) => {
             request_log!(r, NGX_LOG_ERR, what, "{e}");
+            if !std::ptr::eq(what, action::SIGN_OUT) {
+                metrics::login_failed(provider, LoginFailure::Busy);
+            }
             response::busy(r, provider)
         }
         Err(e) => {
             request_log!(r, NGX_LOG_ALERT, what, "{e}");
             INTERNAL_ERROR
         }
+    }
+}
+
+/// Continues a request suspended on a provider call: `NGX_AGAIN` until the call has ended.
+pub fn resume_call(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
+    let Some(ctx) = ctx::get(r) else {
+        return INTERNAL_ERROR;
+    };
+    // SAFETY: the handle lives until both the request and the call are done with it.
+    let handle = unsafe { &mut *ctx.call };
+    if !handle.is_finished() {
+        return NGX_AGAIN as ngx_int_t;
+    }
+    ctx.call = core::ptr::null_mut();
+    match handle.take() {
+        Some(Finished::Done(call)) => resume(r, provider, call),
+        Some(Finished::Panicked(msg)) => {
+            request_log!(r, NGX_LOG_ALERT, action::PROVIDER_CALL, "provider task panicked: {msg}");
+            INTERNAL_ERROR
+        }
+        None => INTERNAL_ERROR,
     }
 }
 
@@ -233,6 +263,7 @@ pub fn resume(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
                 _ => "discovery document is unavailable".to_string(),
             };
             request_log!(r, NGX_LOG_ERR, action::DISCOVERY, "{reason}");
+            metrics::login_failed(provider, LoginFailure::ProviderUnavailable);
             response::provider_unavailable(r, provider)
         }
         Call::Discovery { then: AfterDiscovery::SignOut { id_token }, .. } => {
@@ -246,11 +277,14 @@ pub fn resume(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
             match result {
                 Some(Ok(record)) => create_session(r, provider, *record, &login.return_to),
                 Some(Err(e)) => {
-                    let what = match &e {
-                        LoginError::Provider(_) => action::REDEEM,
-                        _ => action::VALIDATE,
+                    let (what, reason) = match &e {
+                        LoginError::Provider(_) => {
+                            (action::REDEEM, LoginFailure::ProviderUnavailable)
+                        }
+                        _ => (action::VALIDATE, LoginFailure::TokenInvalid),
                     };
                     request_log!(r, NGX_LOG_ERR, what, "{e}");
+                    metrics::login_failed(provider, reason);
                     response::provider_unavailable(r, provider)
                 }
                 None => INTERNAL_ERROR,
@@ -295,6 +329,7 @@ fn create_session(
                     action::CREATE_SESSION,
                     "session of \"{sub}\" not stored: {e}"
                 );
+                metrics::login_failed(provider, LoginFailure::SessionTooLarge);
                 let msg = "Your account carries more identity data than this site can store. \
                            Ask your administrator.";
                 return response::page(
@@ -308,6 +343,7 @@ fn create_session(
             }
             Err(e) => {
                 request_log!(r, NGX_LOG_ERR, action::CREATE_SESSION, "{e}");
+                metrics::login_failed(provider, LoginFailure::StoreFull);
                 let msg = "The session store is full. Try again in a moment.";
                 let title = "Service unavailable";
                 return response::page(r, provider, NGX_HTTP_SERVICE_UNAVAILABLE, title, msg, true);
@@ -315,6 +351,8 @@ fn create_session(
         }
     };
     warn_eviction(r, provider, &eviction);
+    metrics::evicted(provider, eviction.evicted);
+    metrics::login_completed(provider);
     let attrs = response::session_cookie_attributes(r, provider);
     let max_age = record.expires_at - now;
     let set = cookie::set_cookie(&provider.cookie_name, &id.to_cookie_value(), max_age, &attrs);

@@ -39,6 +39,8 @@ pub struct Provider {
     /// A refused `Authorization` header gets a `401` page instead of the login redirect
     /// (authentik's `intercept_header_auth`).
     pub intercept_header_auth: bool,
+    /// Its counters in the metrics zone (also timing its HTTP client's calls).
+    pub metrics: Arc<crate::metrics::ProviderMetrics>,
 }
 
 /// The parts of an outpost provider that are not provider settings.

@@ -135,6 +135,7 @@ pub fn page(
 /// `400` for a callback whose login state is missing, unknown, expired or not this browser's.
 pub fn invalid_state(r: &mut ngx_http_request_t, provider: &Provider, reason: &str) -> ngx_int_t {
     request_log!(r, NGX_LOG_WARN, action::CALLBACK, "{reason}");
+    crate::metrics::login_failed(provider, crate::metrics::LoginFailure::InvalidState);
     page(
         r,
         provider,

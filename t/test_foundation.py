@@ -98,6 +98,7 @@ log_format authentik '$authentik_username $authentik_groups $authentik_entitleme
 server {{
     listen 127.0.0.1:@PORT@;
     auth_authentik main;
+    authentik_require group admins ops;
     authentik_unauth_paths ^/robots\\.txt$ ^/favicon\\.ico$;
     access_log {nginx.prefix}/logs/authentik.log authentik;
     location / {{
@@ -111,6 +112,13 @@ server {{
         return 200;
     }}
     location /open {{ auth_authentik off; return 200; }}
+    location /admin {{
+        authentik_require entitlement write;
+        authentik_require claim email_verified true;
+        return 200;
+    }}
+    location /team {{ authentik_require off; return 200; }}
+    location = /metrics {{ authentik_metrics; allow 127.0.0.1; deny all; }}
 }}
 server {{
     listen 127.0.0.1:@PORT@;

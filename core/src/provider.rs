@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::ProviderSettings;
 use crate::oidc::{complete_login, Discovery, LoginError, MetadataCache, PendingLogin};
-use crate::oidc::{ProviderClient, ProviderContext, ProviderError};
+use crate::oidc::{CallTimer, ProviderClient, ProviderContext, ProviderError};
 use crate::paths::UnauthPaths;
 use crate::session::SessionRecord;
 use crate::UnixTime;
@@ -46,6 +46,12 @@ impl ProviderRuntime {
             cache: MetadataCache::with_discovery(discovery),
             unauth,
         })
+    }
+
+    /// This runtime, with every call to the provider timed by `timer`.
+    pub fn with_timer(mut self, timer: Arc<dyn CallTimer>) -> ProviderRuntime {
+        self.client.set_timer(timer);
+        self
     }
 
     /// Its settings, client and cache, borrowed together for the provider calls of a login.

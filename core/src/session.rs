@@ -209,7 +209,8 @@ impl SessionRecord {
     /// reads back:
     /// - claims whose header value already holds them exactly (`preferred_username`, `groups`,
     ///   `entitlements`, `email`, `name`, `sub`) are dropped from `claims_json`;
-    ///   [`SessionRecord::claim`] answers them from the identity values;
+    ///   [`SessionRecord::claim`] answers them from the identity values (a `groups` or
+    ///   `entitlements` value with a `|` inside is kept, so rules read the exact list);
     /// - `sid` is kept only in the record's own field, and the login's `nonce` and `at_hash`
     ///   (already checked) are dropped;
     /// - the id_token is dropped when the access token can stand in for it as `id_token_hint`:
@@ -222,7 +223,11 @@ impl SessionRecord {
                     .get(key)
                     .and_then(render_claim)
                     .is_some_and(|text| text == self.identity.values[index] && !text.is_empty());
-                if same {
+                // A list with `|` inside an element cannot be read back from the joined value
+                // exactly (`authentik_require group` splits it): it stays.
+                let ambiguous = (index == 1 || index == 2)
+                    && claims.get(key).is_some_and(|v| v.to_string().contains('|'));
+                if same && !ambiguous {
                     claims.remove(key);
                 }
             }

@@ -26,7 +26,7 @@ pub(crate) fn conf_error() -> *mut c_char {
 
 /// Runs a configuration handler; a panic (a bug) fails the configuration instead of unwinding
 /// into nginx.
-fn conf_guard(f: impl FnOnce() -> *mut c_char) -> *mut c_char {
+pub(crate) fn conf_guard(f: impl FnOnce() -> *mut c_char) -> *mut c_char {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| conf_error())
 }
 
@@ -45,6 +45,8 @@ pub struct MainConf {
     pub thread_pool: *mut ngx_thread_pool_t,
     /// `authentik_outpost`: providers fetched from authentik at run time.
     pub outpost: Option<Box<OutpostConf>>,
+    /// The metrics zone, when some location has `authentik_metrics`.
+    pub metrics: Option<Box<crate::metrics::MetricsZone>>,
 }
 
 /// Where a directive was written, for errors reported after the fact.
@@ -102,6 +104,15 @@ pub struct LocationConf {
     pub own_unauth_paths: UnauthPaths,
     /// Provider-wide plus server/location unauthenticated paths; set by merging.
     pub unauth: UnauthPaths,
+    /// `authentik_require` at this level, or inherited; see `authorize`.
+    pub own_requirements: Option<crate::authorize::Requirements>,
+    /// The rules every authenticated request here must satisfy; set by merging.
+    pub rules: authentik_core::rules::Rules,
+}
+
+/// `file:line` of the directive being parsed, for errors reported when merging.
+pub(crate) fn origin_of(cf: &ngx_conf_t) -> String {
+    ConfOrigin::of(cf).to_string()
 }
 
 /* helpers */
@@ -205,6 +216,23 @@ pub unsafe extern "C" fn cmd_add_unauth_paths(
         });
         CONF_OK
     })
+}
+
+/// Logs an `emerg` error whose message names the directive's own `file:line` (found when
+/// merging, when nginx's position is elsewhere); evaluates to NGX_CONF_ERROR.
+fn emerg_at_origin(cf: &ngx_conf_t, msg: &str) -> *mut c_char {
+    let cmsg = std::ffi::CString::new(msg).unwrap_or_default();
+    // SAFETY: logs a formatted message with the configuration's log.
+    unsafe {
+        nginx_sys::ngx_log_error_core(
+            NGX_LOG_EMERG as usize,
+            cf.log,
+            0,
+            c"%s".as_ptr(),
+            cmsg.as_ptr(),
+        )
+    };
+    conf_error()
 }
 
 /* init and merge */
@@ -313,6 +341,10 @@ pub unsafe extern "C" fn merge_loc_conf(
         }
         conf.target = None;
         conf.own_unauth_paths = conf.own_unauth.clone().unwrap_or_default();
+        let protected = matches!(conf.auth, AuthSetting::Provider(..));
+        if let Err(msg) = crate::authorize::merge(prev, conf, protected) {
+            return emerg_at_origin(cf, &msg);
+        }
         let AuthSetting::Provider(name, origin) = &conf.auth else {
             conf.provider = ptr::null();
             return CONF_OK;

@@ -319,8 +319,10 @@ fn build_provider(
     let runtime = ProviderRuntime::new(settings, unauth)
         .map_err(|e| emerg!(cf, "authentik_provider \"{}\": {}", name, e))?;
     let max_in_flight = block.max_pending_calls.unwrap_or(DEFAULT_MAX_PENDING_CALLS);
+    let metrics = Arc::new(crate::metrics::ProviderMetrics::default());
     Ok(Provider {
-        runtime: Arc::new(runtime),
+        runtime: Arc::new(runtime.with_timer(metrics.clone())),
+        metrics,
         cookie_name,
         login_timeout: block.login_timeout.unwrap_or(LOGIN_TTL),
         key,

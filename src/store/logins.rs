@@ -126,6 +126,19 @@ impl LoginSlots {
         true
     }
 
+    /// Pending logins (a walk of the queue: for scrapes, not the hot path).
+    pub(super) fn pending(&self) -> usize {
+        let head: *const ngx_queue_t = &self.lru;
+        let mut count = 0;
+        let mut link = self.lru.next as *const ngx_queue_t;
+        while !core::ptr::eq(link, head) {
+            count += 1;
+            // SAFETY: links of the locked zone's queue, ending at its head.
+            link = unsafe { (*link).next };
+        }
+        count
+    }
+
     /// The pending login whose state has `key`.
     fn find(&self, key: u64) -> Option<NonNull<Entry>> {
         let sentinel = self.pending.sentinel;

@@ -22,12 +22,14 @@
 mod entry;
 mod logins;
 mod sessions;
+mod usage;
 mod zone;
 
 use authentik_core::oidc::PendingLogin;
 use authentik_core::session::{SessionId, SessionRecord};
 use authentik_core::UnixTime;
 
+pub use usage::ZoneUsage;
 pub use zone::{SessionZone, SharedZoneError};
 
 /// What the handlers need from a session store. Sessions are bound to a provider key: a lookup

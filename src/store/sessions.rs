@@ -182,6 +182,11 @@ pub(super) fn stats(zone: &SessionZone) -> (usize, usize, usize) {
 }
 
 impl SessionTable {
+    /// Live (possibly expired, not yet collected) sessions.
+    pub(super) fn len(&self) -> usize {
+        self.count
+    }
+
     /// Sets up an empty table in a fresh zone of `zone_size` bytes; `false` when the slab has no
     /// room for the index.
     ///

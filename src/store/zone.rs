@@ -238,7 +238,6 @@ impl LockedPool<'_> {
     }
 
     /// Free and total pages of the slab.
-    #[cfg(feature = "bench")]
     pub(super) fn pages(&self) -> (usize, usize) {
         // SAFETY: the slab pool's counters are read under its mutex.
         let pool = unsafe { &*self.shpool };

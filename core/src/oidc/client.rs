@@ -14,6 +14,7 @@
 //! write by the time left until the call's deadline, failing once it has passed.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -54,6 +55,24 @@ pub enum ProviderError {
     CaFile(String),
 }
 
+/// A provider endpoint, as the call-latency histogram names it (see [`crate::metrics::ENDPOINTS`],
+/// same order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Discovery,
+    Jwks,
+    Token,
+    Userinfo,
+    /// Header authentication's Bearer check.
+    Introspection,
+}
+
+/// Told how long each call to the provider took, whatever its outcome (the glue's latency
+/// histogram). Called on the thread that made the call.
+pub trait CallTimer: Send + Sync + std::fmt::Debug {
+    fn record(&self, endpoint: Endpoint, elapsed: Duration);
+}
+
 /// The fields of a token endpoint response the module uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenResponse {
@@ -73,6 +92,8 @@ pub struct ProviderClient {
     deadline: Option<Instant>,
     /// `Host` and `X-Forwarded-Proto` sent on every call (see `ProviderSettings`).
     backchannel_host: Option<(String, String)>,
+    /// Told the duration of every call.
+    timer: Option<Arc<dyn CallTimer>>,
 }
 
 /// How a form POST authenticates the client.
@@ -159,7 +180,7 @@ impl ProviderClient {
         };
         let agent = http_agent(timeout, settings.ca_file.as_deref(), &user_agent)?;
         let backchannel_host = settings.backchannel_host.clone();
-        Ok(ProviderClient { agent, timeout, deadline: None, backchannel_host })
+        Ok(ProviderClient { agent, timeout, deadline: None, backchannel_host, timer: None })
     }
 
     /// This client, with no call running past `deadline` (nor past its own timeout); an earlier
@@ -167,6 +188,21 @@ impl ProviderClient {
     pub fn with_deadline(&self, deadline: Instant) -> ProviderClient {
         let deadline = self.deadline.map_or(deadline, |earlier| earlier.min(deadline));
         ProviderClient { deadline: Some(deadline), ..self.clone() }
+    }
+
+    /// Every call from now on reports its duration to `timer`.
+    pub fn set_timer(&mut self, timer: Arc<dyn CallTimer>) {
+        self.timer = Some(timer);
+    }
+
+    /// Runs one call and reports its duration.
+    fn timed<T>(&self, endpoint: Endpoint, call: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = call();
+        if let Some(timer) = &self.timer {
+            timer.record(endpoint, started.elapsed());
+        }
+        result
     }
 
     /// The total time one call may take (`settings.timeout_ms`).
@@ -191,13 +227,13 @@ impl ProviderClient {
     /// GET `<issuer>/.well-known/openid-configuration` (joined without a double slash).
     pub fn fetch_discovery(&self, settings: &ProviderSettings) -> Result<Discovery, ProviderError> {
         let url = discovery_url(settings.issuer.as_str());
-        let reply = self.get(&url, None)?;
+        let reply = self.get(Endpoint::Discovery, &url, None)?;
         Discovery::parse(&reply.body, settings.issuer.as_str())
             .map_err(|e| reply.invalid(e.to_string()))
     }
 
     pub fn fetch_jwks(&self, jwks_uri: &str) -> Result<Jwks, ProviderError> {
-        let reply = self.get(jwks_uri, None)?;
+        let reply = self.get(Endpoint::Jwks, jwks_uri, None)?;
         Jwks::parse(&reply.body).map_err(|e| reply.invalid(e.to_string()))
     }
 
@@ -218,7 +254,7 @@ impl ProviderClient {
             .append_pair("redirect_uri", redirect_uri)
             .append_pair("code_verifier", verifier);
         let auth = ClientAuth::of(settings, discovery);
-        let reply = self.post_form(&discovery.token_endpoint, form, auth)?;
+        let reply = self.post_form(Endpoint::Token, &discovery.token_endpoint, form, auth)?;
         parse_token_response(&reply)
     }
 
@@ -233,7 +269,8 @@ impl ProviderClient {
     ) -> Result<Map<String, Value>, ProviderError> {
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.append_pair("token", token);
-        let reply = self.post_form(endpoint, form, ClientAuth::of(settings, discovery))?;
+        let auth = ClientAuth::of(settings, discovery);
+        let reply = self.post_form(Endpoint::Introspection, endpoint, form, auth)?;
         reply.json_object()
     }
 
@@ -253,12 +290,14 @@ impl ProviderClient {
             .append_pair("username", username)
             .append_pair("password", password)
             .append_pair("scope", &settings.scopes.join(" "));
-        let reply = self.post_form(&discovery.token_endpoint, form, ClientAuth::None)?;
+        let reply =
+            self.post_form(Endpoint::Token, &discovery.token_endpoint, form, ClientAuth::None)?;
         parse_token_response(&reply)
     }
 
     fn post_form(
         &self,
+        endpoint: Endpoint,
         url: &str,
         mut form: form_urlencoded::Serializer<'_, String>,
         auth: ClientAuth<'_>,
@@ -284,7 +323,8 @@ impl ProviderClient {
             }
             ClientAuth::None => {}
         }
-        read_reply(url, request.send(form.finish().as_bytes()))
+        let body = form.finish();
+        self.timed(endpoint, || read_reply(url, request.send(body.as_bytes())))
     }
 
     /// GET userinfo with the access token as Bearer; accepts only `application/json` objects.
@@ -293,7 +333,7 @@ impl ProviderClient {
         endpoint: &str,
         access_token: &str,
     ) -> Result<Map<String, Value>, ProviderError> {
-        let reply = self.get(endpoint, Some(access_token))?;
+        let reply = self.get(Endpoint::Userinfo, endpoint, Some(access_token))?;
         if reply.mime.as_deref() != Some("application/json") {
             let found = reply.mime.as_deref().unwrap_or("no content type");
             return Err(reply.invalid(format!("expected application/json, got {found}")));
@@ -301,7 +341,12 @@ impl ProviderClient {
         reply.json_object()
     }
 
-    fn get(&self, url: &str, bearer: Option<&str>) -> Result<Reply, ProviderError> {
+    fn get(
+        &self,
+        endpoint: Endpoint,
+        url: &str,
+        bearer: Option<&str>,
+    ) -> Result<Reply, ProviderError> {
         let left = self.time_left(url)?;
         let mut request = self
             .agent
@@ -316,7 +361,7 @@ impl ProviderClient {
         if let Some((host, proto)) = &self.backchannel_host {
             request = request.header("Host", host).header("X-Forwarded-Proto", proto);
         }
-        read_reply(url, request.call())
+        self.timed(endpoint, || read_reply(url, request.call()))
     }
 }
 
@@ -582,6 +627,41 @@ mod tests {
             .all(|r| r.method == "GET" && r.target == "/o/app/.well-known/openid-configuration"));
         assert_eq!(requests[0].header("accept"), Some("application/json"));
         assert!(requests[0].header("user-agent").unwrap().starts_with("nginx-authentik/"));
+    }
+
+    #[derive(Debug, Default)]
+    struct Recorded(std::sync::Mutex<Vec<Endpoint>>);
+
+    impl CallTimer for Recorded {
+        fn record(&self, endpoint: Endpoint, _elapsed: Duration) {
+            self.0.lock().unwrap().push(endpoint);
+        }
+    }
+
+    #[test]
+    fn every_call_is_timed_failed_ones_too() {
+        let server = TestServer::start(|req, base| match req.target.as_str() {
+            "/.well-known/openid-configuration" => {
+                Canned::json(200, discovery_json(base, &format!("{base}/")))
+            }
+            _ => Canned::raw(500, "text/plain", "down"),
+        });
+        let s = settings(&server.url("/"));
+        let timer = Arc::new(Recorded::default());
+        let mut c = client(&s);
+        c.set_timer(timer.clone());
+        let d = c.fetch_discovery(&s).unwrap();
+        assert!(c.fetch_jwks(&server.url("/jwks")).is_err());
+        assert!(c.exchange_code(&s, &d, "code", "verifier", "https://app/cb").is_err());
+        assert!(c
+            .with_deadline(Instant::now() + Duration::from_secs(5))
+            .userinfo(&server.url("/ui"), "t")
+            .is_err());
+        let seen = timer.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [Endpoint::Discovery, Endpoint::Jwks, Endpoint::Token, Endpoint::Userinfo]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod jwt;
 pub mod login;
 pub mod metadata;
 
-pub use client::{ProviderClient, ProviderError};
+pub use client::{CallTimer, Endpoint, ProviderClient, ProviderError};
 pub use discovery::{Discovery, Jwks};
 pub use flow::{complete_login, LoginError, ProviderContext};
 pub use login::{authorize_url, PendingLogin};
