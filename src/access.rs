@@ -32,8 +32,8 @@ use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
-use crate::{authorize, ctx, forward, headers, http, login, request_log, router};
 use crate::HttpAuthentikModule;
+use crate::{authorize, ctx, forward, headers, http, login, request_log, router};
 
 pub fn register_handler(cf: &mut ngx_conf_t) -> Status {
     let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(cf) else {
@@ -250,7 +250,14 @@ fn unauthenticated(
         metrics::request(provider, Outcome::Unauthorized);
         if intercepted {
             let msg = "The Authorization header was not accepted, so no login redirect is made.";
-            return response::page(r, provider, NGX_HTTP_UNAUTHORIZED, "Unauthenticated", msg, false);
+            return response::page(
+                r,
+                provider,
+                NGX_HTTP_UNAUTHORIZED,
+                "Unauthenticated",
+                msg,
+                false,
+            );
         }
         response::discard_body(r);
         return NGX_HTTP_UNAUTHORIZED as ngx_int_t;

@@ -4,8 +4,10 @@
 //! cached in the session zone under a hash of the provider and the header value, so every
 //! worker reuses it and a wrong value does not turn every request into a provider call.
 
+use std::sync::OnceLock;
+
 use authentik_core::oidc::header_auth::{
-    cache_id, failure_record, parse_authorization, HeaderAuthError,
+    cache_id, failure_record, parse_authorization, Credentials, HeaderAuthError,
 };
 use authentik_core::session::{SessionId, SessionRecord, SessionView};
 use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_LOG_INFO, NGX_LOG_WARN};
@@ -44,6 +46,11 @@ pub fn authenticate(r: &mut ngx_http_request_t, provider: &Provider) -> HeaderAu
     let Some(credentials) = parse_authorization(value) else {
         return HeaderAuth::Failed;
     };
+    // Where nginx's own `auth_basic` protects the location, Basic credentials are its (checked
+    // against `auth_basic_user_file`), not an authentik app password.
+    if matches!(credentials, Credentials::Basic { .. }) && auth_basic_on(r) {
+        return HeaderAuth::Absent;
+    }
     let id = cache_id(provider.key, value);
     if let Some(view) = session::session_bytes(r, provider, &id).and_then(SessionView::parse) {
         return match view.sub.is_empty() {
@@ -115,4 +122,46 @@ fn cache(
 pub fn remove_authorization(r: &mut ngx_http_request_t) -> bool {
     r.headers_in.authorization = core::ptr::null_mut();
     http::remove_request_headers(r, |name, _| name.eq_ignore_ascii_case(b"authorization"))
+}
+
+/// nginx's `auth_basic` location configuration (`ngx_http_auth_basic_module.c`; the same in
+/// every nginx release the module supports).
+#[repr(C)]
+struct AuthBasicConf {
+    realm: *const nginx_sys::ngx_http_complex_value_t,
+    user_file: *const nginx_sys::ngx_http_complex_value_t,
+}
+
+/// `ngx_http_auth_basic_module`, looked up at run time: an nginx built without it still
+/// loads this module.
+fn auth_basic_module() -> Option<&'static nginx_sys::ngx_module_t> {
+    static MODULE: OnceLock<usize> = OnceLock::new();
+    let addr = *MODULE.get_or_init(|| {
+        let name = c"ngx_http_auth_basic_module".as_ptr();
+        // SAFETY: looks a symbol up in the already loaded objects (RTLD_DEFAULT is null).
+        let found = unsafe { nginx_sys::dlsym(core::ptr::null_mut(), name) };
+        found as usize
+    });
+    // SAFETY: a non-null address is nginx's module structure, alive with the process.
+    (addr != 0).then(|| unsafe { &*(addr as *const nginx_sys::ngx_module_t) })
+}
+
+/// Whether `auth_basic` (with a user file, not `off`) applies to the request's location.
+fn auth_basic_on(r: &ngx_http_request_t) -> bool {
+    let Some(module) = auth_basic_module() else {
+        return false;
+    };
+    // SAFETY: every http module has a location configuration slot at its ctx_index.
+    let conf = unsafe { *r.loc_conf.add(module.ctx_index) } as *const AuthBasicConf;
+    if conf.is_null() {
+        return false;
+    }
+    // SAFETY: auth_basic's location configuration is an AuthBasicConf (see the type).
+    let conf = unsafe { &*conf };
+    if conf.realm.is_null() || conf.user_file.is_null() {
+        return false;
+    }
+    // SAFETY: a configured complex value; its `value` is the directive's argument.
+    let realm = http::bytes_of(unsafe { &(*conf.realm).value });
+    realm != b"off"
 }

@@ -132,7 +132,7 @@ impl CallTimer for ProviderMetrics {
 }
 
 // The histogram's endpoints are core's `Endpoint` variants in order.
-const _: () = assert!(ENDPOINTS.len() == Endpoint::Userinfo as usize + 1);
+const _: () = assert!(ENDPOINTS.len() == Endpoint::Introspection as usize + 1);
 
 pub fn request(provider: &Provider, outcome: Outcome) {
     provider.metrics.add(shared::REQUESTS + outcome as usize, 1);

@@ -327,3 +327,47 @@ def test_logout_signature_on_any_url(nginx, authentik, upstream, tmp_path):
     r = fresh_get(host_url(nginx, f"app.{DOMAIN}", "/api"), cookies={name: cookie},
                   headers={"Accept": "application/json", "Sec-Fetch-Mode": "cors"})
     assert r.status_code == 401, "the session outlived the logout signature"
+
+
+# --- rules and metrics with header authentication and the outpost -------------------------------
+def test_rules_and_metrics_with_header_auth_and_the_outpost(nginx, authentik, upstream, tmp_path):
+    """authentik_require on header-auth requests (a plain 403, not the page), and the metrics of
+    an outpost provider: header-auth outcomes, the outpost's sync gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+    prov = authentik.add_provider("App", "app", ext_host(nginx, f"app.{DOMAIN}"))
+    token_file = authentik.write_token_file(tmp_path / "token")
+    nginx.start(f"""
+authentik_session_zone zone=authentik:8m;
+authentik_outpost {authentik.origin} token_file={token_file};
+server {{
+    listen 127.0.0.1:@PORT@;
+    server_name app.{DOMAIN};
+    location / {{ auth_authentik app; proxy_pass {upstream.url}; }}
+    location /admin {{ auth_authentik app; authentik_require group admins; proxy_pass {upstream.url}; }}
+    location = /metrics {{ auth_authentik off; authentik_metrics; allow 127.0.0.1; deny all; }}
+}}""")
+    wait_served(nginx, f"app.{DOMAIN}")
+    authentik.wait_websocket(lambda v: any(c["connected"] for c in v["connections"]), what="websocket")
+    alice = app_token(authentik, prov, "alice")["access_token"]
+    bob = app_token(authentik, prov, "bob")["access_token"]
+    assert echo(get(nginx, "/admin/x", headers=bearer(alice))).get("X-authentik-username") == "alice"
+    r = get(nginx, "/admin/x", headers={**bearer(bob), "Accept": "text/html"})
+    assert r.status_code == 403, r.status_code
+    assert "Sign out" not in r.text                       # a plain 403 for an API client
+    assert get(nginx, "/x", headers=bearer(bob)).status_code == 200
+
+    def scrape():
+        text = fresh_get(host_url(nginx, f"app.{DOMAIN}", "/metrics")).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    samples = eventually(lambda: (lambda m: m if any(k[0] == "authentik_outpost_generation" for k in m) else None)(
+        scrape()), 5, "outpost gauges in the metrics")
+    value = {k[0]: v for k, v in samples.items() if not k[1]}
+    assert value["authentik_outpost_generation"] >= 1
+    assert value["authentik_outpost_websocket_connected"] == 1
+    assert abs(value["authentik_outpost_last_sync_timestamp_seconds"] - time.time()) < 120
+    header_ok = [v for (name, labels), v in samples.items()
+                 if name.startswith("authentik_requests") and ("outcome", "header_auth") in labels
+                 and ("provider", "App") in labels]
+    assert header_ok and header_ok[0] == 2, [(k, v) for k, v in samples.items() if k[0].startswith("authentik_requests")]

@@ -16,6 +16,7 @@ use ngx::ngx_log_error;
 
 use super::{Context, Level, Task};
 use crate::conf::MainConf;
+use crate::metrics::{Gauge, GaugeHandle};
 use crate::outpost::zone::OutpostZone;
 use crate::store::{SessionStore, SessionZone};
 
@@ -29,6 +30,7 @@ pub fn task(cycle: &ngx_cycle_t, mcf: &MainConf) -> Option<Task> {
     let outpost = mcf.outpost.as_deref()?;
     let zone = OutpostZone::of(outpost.shm_zone)?;
     let options = outpost.options.clone();
+    let gauges = crate::metrics::gauge_handle(mcf);
     let state_file = outpost.state_file.clone();
     let ends: Ends = Arc::default();
     let queued = ends.clone();
@@ -51,7 +53,7 @@ pub fn task(cycle: &ngx_cycle_t, mcf: &MainConf) -> Option<Task> {
     };
     Some(Task {
         name: "outpost",
-        run: Box::new(move |ctx| run(ctx, zone, options, state_file, ends)),
+        run: Box::new(move |ctx| run(ctx, zone, options, state_file, ends, gauges)),
         tick: Some(Box::new(tick)),
     })
 }
@@ -62,8 +64,9 @@ fn run(
     options: OutpostOptions,
     state_file: Option<PathBuf>,
     ends: Ends,
+    gauges: Option<GaugeHandle>,
 ) {
-    let mut events = Events { ctx, zone, options: options.clone(), state_file, ends };
+    let mut events = Events { ctx, zone, options: options.clone(), state_file, ends, gauges };
     let known = events.known();
     sync::run(&options, known, &mut events);
 }
@@ -74,6 +77,8 @@ struct Events<'a> {
     options: OutpostOptions,
     state_file: Option<PathBuf>,
     ends: Ends,
+    /// The outpost gauges of `authentik_metrics`, when counting is on.
+    gauges: Option<GaugeHandle>,
 }
 
 impl Events<'_> {
@@ -138,15 +143,23 @@ impl OutpostEvents for Events<'_> {
         let fetched_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        if let Some(g) = &self.gauges {
+            g.set(Gauge::LastOutpostSync, fetched_at as i64);
+        }
         match self.zone.write(&bytes, fetched_at) {
-            Ok(generation) => self.log(
-                Severity::Notice,
-                format!(
-                    "outpost \"{}\": {} providers (generation {generation})",
-                    snapshot.outpost.name,
-                    snapshot.providers.len()
-                ),
-            ),
+            Ok(generation) => {
+                if let Some(g) = &self.gauges {
+                    g.set(Gauge::OutpostGeneration, generation as i64);
+                }
+                self.log(
+                    Severity::Notice,
+                    format!(
+                        "outpost \"{}\": {} providers (generation {generation})",
+                        snapshot.outpost.name,
+                        snapshot.providers.len()
+                    ),
+                )
+            }
             Err(e) => {
                 self.log(Severity::Error, format!("outpost configuration not used: {e}"));
                 return;
@@ -171,6 +184,9 @@ impl OutpostEvents for Events<'_> {
 
     fn connected(&mut self, connected: bool) {
         self.zone.set_connected(connected);
+        if let Some(g) = &self.gauges {
+            g.set(Gauge::WebsocketConnected, connected as i64);
+        }
     }
 
     fn log(&mut self, severity: Severity, message: String) {

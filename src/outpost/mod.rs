@@ -53,7 +53,10 @@ pub enum Found {
     NotFetched,
 }
 
-fn refresh(outpost: &OutpostConf) -> bool {
+fn refresh(mcf: &MainConf) -> bool {
+    let Some(outpost) = mcf.outpost.as_deref() else {
+        return false;
+    };
     let Some(zone) = OutpostZone::of(outpost.shm_zone) else {
         return false;
     };
@@ -71,11 +74,11 @@ fn refresh(outpost: &OutpostConf) -> bool {
     let Ok(snapshot) = Snapshot::decode(&bytes) else {
         return TABLE.with_borrow(|t| t.generation != 0);
     };
-    TABLE.with_borrow_mut(|table| rebuild(table, generation, &snapshot, outpost));
+    TABLE.with_borrow_mut(|table| rebuild(table, generation, &snapshot, mcf));
     true
 }
 
-fn rebuild(table: &mut Table, generation: u64, snapshot: &Snapshot, outpost: &OutpostConf) {
+fn rebuild(table: &mut Table, generation: u64, snapshot: &Snapshot, mcf: &MainConf) {
     let same_outpost = table.outpost_name == snapshot.outpost.name;
     let old: Vec<(ProxyProvider, Rc<Provider>)> =
         if same_outpost { table.providers.drain(..).collect() } else { Vec::new() };
@@ -86,7 +89,7 @@ fn rebuild(table: &mut Table, generation: u64, snapshot: &Snapshot, outpost: &Ou
         let provider = match old.iter().find(|(q, _)| q == p) {
             Some((_, kept)) => kept.clone(),
             None => {
-                let Some(provider) = new_provider(p, snapshot, outpost) else { continue };
+                let Some(provider) = new_provider(p, snapshot, mcf) else { continue };
                 Rc::new(provider)
             }
         };
@@ -107,9 +110,12 @@ fn rebuild(table: &mut Table, generation: u64, snapshot: &Snapshot, outpost: &Ou
 }
 
 /// A provider the task's check accepted; `None` (left out) otherwise.
-fn new_provider(p: &ProxyProvider, snapshot: &Snapshot, outpost: &OutpostConf) -> Option<Provider> {
+fn new_provider(p: &ProxyProvider, snapshot: &Snapshot, mcf: &MainConf) -> Option<Provider> {
+    let outpost = mcf.outpost.as_deref()?;
     let built = build(p, &snapshot.outpost, &outpost.options).ok()?;
-    provider_of(built, outpost)
+    let provider = provider_of(built, outpost)?;
+    crate::metrics::attach_provider(mcf, &provider);
+    Some(provider)
 }
 
 /// The worker-side provider of an outpost provider.
@@ -121,8 +127,10 @@ pub fn provider_of(built: OutpostProvider, outpost: &OutpostConf) -> Option<Prov
     let base_path = settings.base_path().to_string();
     let declared_at = format!("authentik outpost \"{}\"", settings.meta.outpost);
     let runtime = ProviderRuntime::with_discovery(settings, unauth, discovery).ok()?;
+    let metrics = Arc::new(crate::metrics::ProviderMetrics::default());
     Some(Provider {
-        runtime: Arc::new(runtime),
+        runtime: Arc::new(runtime.with_timer(metrics.clone())),
+        metrics,
         cookie_name,
         login_timeout: LOGIN_TTL,
         key,
@@ -138,10 +146,10 @@ pub fn provider_of(built: OutpostProvider, outpost: &OutpostConf) -> Option<Prov
 
 /// The outpost provider `name` (application slug or provider name).
 pub fn find(mcf: &MainConf, name: &str) -> Found {
-    let Some(outpost) = mcf.outpost.as_deref() else {
+    if mcf.outpost.is_none() {
         return Found::Unknown;
-    };
-    if !refresh(outpost) {
+    }
+    if !refresh(mcf) {
         return Found::NotFetched;
     }
     TABLE.with_borrow(|t| match t.by_name.get(name) {
@@ -174,7 +182,7 @@ pub fn find_by_host(mcf: &MainConf, host: &str) -> Option<ByHost> {
     if let Some(p) = mcf.providers.iter().find(|p| external_host_is(p)) {
         return Some(ByHost::Block(&**p));
     }
-    let fetched = mcf.outpost.as_deref().is_some_and(refresh);
+    let fetched = refresh(mcf);
     let outpost = |f: &dyn Fn(&Table) -> Option<Rc<Provider>>| {
         if fetched {
             TABLE.with_borrow(f)
