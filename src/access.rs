@@ -21,11 +21,12 @@ use nginx_sys::{
 use ngx::core::Status;
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
-use crate::call::Finished;
+use crate::call::{Call, Finished};
 use crate::conf::{LocationConf, MainConf, OutpostTarget};
 use crate::log::action;
 use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
+use crate::remote;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
 use crate::{ctx, headers, http, login, request_log, router, HttpAuthentikModule};
@@ -93,8 +94,12 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
             return NGX_AGAIN as ngx_int_t;
         }
         ctx.call = ptr::null_mut();
-        return match handle.take() {
-            Some(Finished::Done(call)) => login::resume(r, provider, call),
+        match handle.take() {
+            // An L1 miss answered by the shared store: the zone is filled, decide again.
+            Some(Finished::Done(Call::StoreSession { store, id, result })) => {
+                remote::lookup_done(r, provider, &store, &id, result);
+            }
+            Some(Finished::Done(call)) => return login::resume(r, provider, call),
             Some(Finished::Panicked(msg)) => {
                 request_log!(
                     r,
@@ -102,11 +107,14 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
                     action::PROVIDER_CALL,
                     "provider task panicked: {msg}"
                 );
-                INTERNAL_ERROR
+                return INTERNAL_ERROR;
             }
-            None => INTERNAL_ERROR,
-        };
+            None => return INTERNAL_ERROR,
+        }
     }
+    let Some(ctx) = ctx::get(r) else {
+        return INTERNAL_ERROR;
+    };
     // An internal redirect moved an authenticated request into a location of another
     // provider: that provider decides, and the first one's headers go.
     if !ctx.done_for.is_null() {
@@ -127,6 +135,11 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
 
     let cookies = session::scan(r, provider, endpoint.is_none() && !is_callback);
     let session = cookies.session;
+    if let (None, Some(id)) = (&session, cookies.missed) {
+        if let Some(rc) = remote::lookup_on_miss(r, provider, id) {
+            return rc;
+        }
+    }
 
     // Client-sent identity headers never reach the upstream, authenticated or not; nor, when
     // the module sets them, client copies of X-Forwarded-Host and additionalHeaders.

@@ -29,11 +29,19 @@ pub struct RequestCtx {
     /// Outpost providers this request used (the last is the current one): kept alive while
     /// the request lives, since headers borrow their names and a call may be in flight.
     pub held: Vec<Rc<Provider>>,
+    /// The session cookie missed the zone and was looked up in the shared store (once).
+    pub store_checked: bool,
 }
 
 impl Default for RequestCtx {
     fn default() -> Self {
-        RequestCtx { session: None, done_for: ptr::null(), call: ptr::null_mut(), held: Vec::new() }
+        RequestCtx {
+            session: None,
+            done_for: ptr::null(),
+            call: ptr::null_mut(),
+            held: Vec::new(),
+            store_checked: false,
+        }
     }
 }
 

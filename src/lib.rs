@@ -43,6 +43,7 @@ mod log;
 mod login;
 mod outpost;
 mod provider;
+mod remote;
 mod response;
 mod router;
 mod session;

@@ -20,6 +20,7 @@ pub mod action {
     pub const CREATE_SESSION: &CStr = c"creating authentik session";
     pub const SIGN_OUT: &CStr = c"signing out of authentik";
     pub const PROVIDER_CALL: &CStr = c"talking to the authentik provider";
+    pub const STORE: &CStr = c"reading the authentik session store";
 }
 
 /// Logs `args` at `level` on the request's connection log with `action` as its context.

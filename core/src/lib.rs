@@ -16,6 +16,7 @@ pub mod page;
 pub mod paths;
 pub mod provider;
 pub mod redirect;
+pub mod remote;
 pub mod request;
 pub mod session;
 pub mod store;
