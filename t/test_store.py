@@ -305,3 +305,52 @@ def test_session_end_reaches_both_nodes_and_the_store(target, tmp_path, upstream
         a.stop()
         b.stop()
         ak.stop()
+
+
+def test_store_expiry_and_eviction_reach_every_zone(pair, browsers):
+    """A record that ends in the store (expired here; evicted records take the same keyspace
+    notification path) leaves every node's zone within a second."""
+    pair.start()
+    b1, b2 = browsers(), browsers()
+    b1.login(pair.a.url("/"), "alice")
+    b2.login(pair.a.url("/"), "bob")
+    alice, bob = cookie_of(b1, pair), cookie_of(b2, pair)
+    assert user_on(pair.b, alice, pair) == "alice" and user_on(pair.b, bob, pair) == "bob"
+    raw = base64.urlsafe_b64decode(alice + "=")
+    assert pair.redis.cli("PEXPIRE", f"authentik:s:{raw.hex()}", "1").strip() == "1"
+    eventually(lambda: get(pair.a, alice, pair).status_code == 401 and get(pair.b, alice, pair).status_code == 401,
+               1.0, "the expired store record leaves both zones")
+    assert user_on(pair.a, bob, pair) == "bob" and user_on(pair.b, bob, pair) == "bob"
+
+
+def test_stalled_store_costs_at_most_store_timeout(pair, browser):
+    """A store that accepts connections but never answers (SIGSTOP): an L1 miss waits at most
+    about store_timeout, and meanwhile the worker serves other requests."""
+    import signal
+    import threading
+
+    pair.start(store_extra=" store_timeout=1s", worker_processes=1)
+    browser.login(pair.a.url("/"), "alice")
+    alice = cookie_of(browser, pair)
+    os.kill(pair.redis.proc.pid, signal.SIGSTOP)
+    try:
+        results = {}
+
+        def miss():
+            t0 = time.monotonic()
+            results["status"] = get(pair.a, garbage_id(), pair).status_code
+            results["took"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=miss)
+        thread.start()
+        hits = [user_on(pair.a, alice, pair) for _ in range(5)]
+        thread.join(10)
+        assert hits == ["alice"] * 5
+        assert results["status"] == 401
+        assert results["took"] < 4, results  # store_timeout (1 s) plus slack, never a hang
+        # the store is now known down: further misses do not wait
+        t0 = time.monotonic()
+        assert get(pair.a, garbage_id(), pair).status_code == 401
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        os.kill(pair.redis.proc.pid, signal.SIGCONT)
