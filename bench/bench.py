@@ -17,6 +17,7 @@ See bench/README.md for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import datetime
 import http.client
@@ -53,14 +54,15 @@ BENCH_MODULE = REPO / "build" / "bench" / "ngx_http_authentik_module.so"
 NOISE_CORES = 0.3  # a run during which other processes used more CPU than this is repeated (budget)
 FRONT_CPU = {1}  # per-core runs: the front server alone on CPU 1 ...
 OTHER_CPU = {0}  # ... wrk, the upstream and the auth responder on CPU 0
-SETUPS = ["baseline", "authentik", "auth_request", "apache"]
+SETUPS = ["baseline", "authentik", "auth_request", "apache", "store"]
 LABEL = {
     "baseline": "1 nginx proxy_pass, no auth",
     "authentik": "2 nginx + auth_authentik (this module)",
     "auth_request": "3 nginx auth_request -> zero-work responder",
     "apache": "4 Apache httpd + mod_auth_openidc (shm)",
+    "store": "5 nginx + auth_authentik + store= redis (L1 hit)",
 }
-SHORT = {"baseline": "1", "authentik": "2", "auth_request": "3", "apache": "4"}
+SHORT = {"baseline": "1", "authentik": "2", "auth_request": "3", "apache": "4", "store": "5"}
 
 IDENTITY = {  # what the zero-work auth responder of set-up 3 answers (alice's values)
     "X-authentik-username": "alice",
@@ -138,10 +140,11 @@ server {{
 """
 
 
-def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m") -> str:
+def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m",
+                   store: str = "") -> str:
     block = harness.provider_block("main", provider.issuer, client, origin, "proxy")
     return app_upstream(up_port) + f"""
-authentik_session_zone zone=authentik:{zone};
+authentik_session_zone zone=authentik:{zone}{(' store=' + store) if store else ''};
 {block}
 server {{
     listen 127.0.0.1:@PORT@;
@@ -320,11 +323,16 @@ class Bench:
             "baseline": self.track(NginxProc("front-baseline", self.wd)),
             "authentik": self.track(NginxProc("front-authentik", self.wd, MODULE)),
             "auth_request": self.track(NginxProc("front-auth-request", self.wd)),
+            "store": self.track(NginxProc("front-store", self.wd, MODULE)),
         }
+        # set-up 5's shared session store: a private redis-server on loopback
+        self.redis = self.track(harness.Redis(self.wd / "redis"))
+        self.redis.start()
         self.cg_front = self.track(NginxProc("callgrind-authentik", self.wd, MODULE))
         self.cg_base = self.track(NginxProc("callgrind-baseline", self.wd))
         self.scale_front = self.track(NginxProc("scale-authentik", self.wd, BENCH_MODULE))
-        origins = [self.front["authentik"].origin, self.cg_front.origin, self.scale_front.origin]
+        origins = [self.front["authentik"].origin, self.cg_front.origin, self.scale_front.origin,
+                   self.front["store"].origin]
         self.client = self.provider.new_client(origins, client_id="nginx-bench")
         self.cookie_name = session_cookie_name(self.client["client_id"])
         self.apache = None
@@ -360,6 +368,8 @@ class Bench:
         self.front["baseline"].start(baseline_http(up), workers)
         fa.start(authentik_http(up, self.provider, self.client, fa.origin), workers)
         self.front["auth_request"].start(auth_request_http(up, rp), workers)
+        fs = self.front["store"]
+        fs.start(authentik_http(up, self.provider, self.client, fs.origin, store=self.redis.url), workers)
         targets = {}
         plain_ok(self.front["baseline"].origin + "/")
 
@@ -377,6 +387,10 @@ class Bench:
         same = {"Cookie": f"{self.cookie_name}={cookie}"}
         targets["baseline"] = (self.front["baseline"].origin + "/", same)
         targets["authentik"] = (fa.origin + "/", same)
+
+        store_cookie = login_cookie(fs.origin + "/", self.cookie_name)
+        plain_ok(fs.origin + "/", {self.cookie_name: store_cookie})
+        targets["store"] = (fs.origin + "/", {"Cookie": f"{self.cookie_name}={store_cookie}"})
 
         fr = self.front["auth_request"]
         check_upstream_sees(fr.origin + "/echo", {}, {"username": "alice", "groups": "admins|users"})
@@ -532,6 +546,51 @@ class Bench:
                     url, hdr = targets[s]
                     self.measure(s, url, hdr, self.p.paced_duration, True, script=script, conns=conns,
                                  kind="paced", workers=1, extra={"rep": rep})
+
+    # --- 1b. set-up 5: an L1 miss served from the store ---
+    def store_miss(self):
+        """Latency of requests whose session is in the store but not in the zone (the first
+        request of a user on a node), against the same requests once the zone has them (L1
+        hits), sequentially on one keep-alive connection, 1 worker."""
+        n = 200 if self.p.smoke else 3000
+        fs = self.front["store"]
+        fs.stop()
+        fs.start(authentik_http(self.upstream.port, self.provider, self.client, fs.origin, store=self.redis.url), 1)
+        cookie = login_cookie(fs.origin + "/", self.cookie_name)
+        src = "authentik:s:" + base64.urlsafe_b64decode(cookie + "=").hex()
+        ids = [os.urandom(32) for _ in range(n)]
+        cmds = "".join(f"COPY {src} authentik:s:{i.hex()}\n" for i in ids)
+        subprocess.run([harness.Redis.CLI, "-p", str(self.redis.port)], input=cmds, text=True, check=True,
+                       capture_output=True)
+        values = [base64.urlsafe_b64encode(i).rstrip(b"=").decode() for i in ids]
+        conn = http.client.HTTPConnection("127.0.0.1", fs.port, timeout=10)
+
+        def once(value):
+            t0 = time.perf_counter()
+            conn.request("GET", "/", headers={"Cookie": f"{self.cookie_name}={value}"})
+            resp = conn.getresponse()
+            resp.read()
+            took = time.perf_counter() - t0
+            if resp.status != 200:
+                raise RuntimeError(f"store L1 miss: status {resp.status}")
+            return took * 1e6
+
+        for v in values[:20]:  # warm-up (connections to the store, the thread pool)
+            once(v)
+        miss = sorted(once(v) for v in values[20:])
+        hit = sorted(once(v) for v in values[20:])
+        conn.close()
+
+        def pct(xs, q):
+            return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+        r = {"n": len(miss), "miss_p50": pct(miss, 0.5), "miss_p99": pct(miss, 0.99),
+             "hit_p50": pct(hit, 0.5), "hit_p99": pct(hit, 0.99)}
+        r["added_p50"] = r["miss_p50"] - r["hit_p50"]
+        self.res["store_miss"] = r
+        log(f"store L1 miss: p50 {us(r['miss_p50'])} p99 {us(r['miss_p99'])}; the same requests as L1 hits: "
+            f"p50 {us(r['hit_p50'])} p99 {us(r['hit_p99'])}; a miss adds {us(r['added_p50'])} at p50")
+        fs.stop()
 
     # --- 2. callgrind ---
     def callgrind(self):
@@ -927,12 +986,23 @@ def render(res: dict) -> str:
                 rat.append(f"2/{SHORT[other]} = **{two['rps'] / o['rps']:.2f}**")
             else:
                 rat.append(f"2/{SHORT[other]} = not measured")
+        five = s.get(("store", w))
+        rat.append(f"5/2 = **{five['rps'] / two['rps']:.2f}**" if five and two else "5/2 = not measured")
         L.append("Ratios of the medians (req/s): " + ", ".join(rat))
         L.append("")
     if res.get("apache_error"):
         L.append(f"Set-up 4 (Apache + mod_auth_openidc): **not measured**: {res['apache_error']}")
         L.append("")
 
+    sm = res.get("store_miss")
+    if sm:
+        L.append("## Set-up 5: an L1 miss served from the store (1 worker, sequential, one keep-alive connection)")
+        L.append("")
+        L.append("| requests | L1 miss p50 | L1 miss p99 | same requests as L1 hits p50 | p99 | added by the miss (p50) |")
+        L.append("|---:|---:|---:|---:|---:|---:|")
+        L.append(f"| {sm['n']} | {us(sm['miss_p50'])} | {us(sm['miss_p99'])} | {us(sm['hit_p50'])} | "
+                 f"{us(sm['hit_p99'])} | {us(sm['added_p50'])} |")
+        L.append("")
     b1, a1 = s.get(("baseline", 1)), s.get(("authentik", 1))
     L.append("## CPU per request of the front nginx (1 worker)")
     L.append("")
@@ -1192,6 +1262,7 @@ def main():
     try:
         bench.start_common()
         bench.throughput()
+        bench.store_miss()
         bench.res["apache_error"] = bench.apache_error
         bench.callgrind()
         bench.scale()

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use authentik_core::remote::{Job, RemoteStore, Revocation, StoreError, StoredSession};
 use authentik_core::session::{SessionId, SessionRecord};
-use nginx_sys::{ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_LOG_ERR, NGX_LOG_NOTICE};
+use nginx_sys::{
+    ngx_http_request_t, ngx_int_t, NGX_AGAIN, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE,
+};
 use ngx::http::HttpModuleMainConf;
 
 use crate::call::{self, Call};
@@ -131,7 +133,8 @@ pub fn lookup_on_miss(
             Some(NGX_AGAIN as ngx_int_t)
         }
         Err(e) => {
-            request_log!(r, NGX_LOG_ERR, action::STORE, "{e}, session looked up in the zone only");
+            // A full queue (`max_pending_calls`) under a flood of unknown cookies: no session.
+            request_log!(r, NGX_LOG_INFO, action::STORE, "{e}, session looked up in the zone only");
             None
         }
     }
