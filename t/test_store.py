@@ -49,9 +49,9 @@ server {{
 }}
 """
 
-    def start(self, store_extra="", worker_processes=2):
+    def start(self, store_extra="", worker_processes=2, main=""):
         for node in (self.a, self.b):
-            node.start(self.conf(store_extra), worker_processes=worker_processes)
+            node.start(self.conf(store_extra), worker_processes=worker_processes, main=main)
         return self
 
     def stop(self):
@@ -354,3 +354,32 @@ def test_stalled_store_costs_at_most_store_timeout(pair, browser):
         assert time.monotonic() - t0 < 0.5
     finally:
         os.kill(pair.redis.proc.pid, signal.SIGCONT)
+
+
+def test_rediss_verifies_the_certificate(target, tmp_path, provider, upstream):
+    """rediss://: TLS with the certificate verified against the trusted roots (OpenSSL's, which
+    honour SSL_CERT_FILE: nginx passes it to its workers with `env`). A store whose certificate
+    is not trusted is not used: sessions are node-local and the error log says why."""
+    redis = Redis(tmp_path / "redis", tls=True).start()
+    pair = Pair(target, tmp_path, provider, upstream, redis)
+    try:
+        pair.start(main=f"env SSL_CERT_FILE={redis.ca_file};")
+        b = Browser()
+        b.login(pair.a.url("/"), "alice")
+        alice = cookie_of(b, pair)
+        assert user_on(pair.b, alice, pair) == "alice"
+        assert len(redis.keys("authentik:s:*")) == 1
+        pair.stop()
+
+        redis.cli("FLUSHALL")
+        pair.start()  # the system's roots only: the test CA is not trusted
+        b = Browser()
+        assert echo(b.login(pair.a.url("/"), "bob")).get("X-authentik-username") == "bob"
+        bob = cookie_of(b, pair)
+        assert user_on(pair.a, bob, pair) == "bob"
+        assert get(pair.b, bob, pair).status_code == 401
+        assert redis.keys("authentik:*") == []
+        eventually(lambda: "certificate verify failed" in pair.a.error_log(), 5, "A logs the TLS refusal")
+    finally:
+        pair.stop()
+        redis.stop()

@@ -96,7 +96,18 @@ impl RemoteStore {
     /// A fresh connection with the deadline's time left as its timeouts.
     pub(super) fn connect(&self, timeout: Duration) -> redis::RedisResult<redis::Connection> {
         let client = redis::Client::open(self.info.clone())?;
-        client.get_connection_with_timeout(timeout)
+        // redis 1.2 unwraps a failed TLS handshake (an untrusted certificate) on this path:
+        // the panic stays here and becomes the error it should have been.
+        let connect = std::panic::AssertUnwindSafe(|| client.get_connection_with_timeout(timeout));
+        std::panic::catch_unwind(connect).unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown error");
+            let detail = tls_failure(msg);
+            Err(redis::RedisError::from((redis::ErrorKind::Io, "TLS handshake failed", detail)))
+        })
     }
 
     fn failed(&self, e: &redis::RedisError) -> StoreError {
@@ -338,5 +349,35 @@ impl RemoteStore {
                 on(revocation);
             }
         }
+    }
+}
+
+/// The readable part of a failed TLS handshake's debug dump: OpenSSL's reason and the
+/// certificate verification result, else the whole message.
+fn tls_failure(msg: &str) -> String {
+    let quoted_after = |key: &str| {
+        let start = msg.find(key)? + key.len();
+        let end = msg[start..].find('"')?;
+        Some(&msg[start..start + end])
+    };
+    match (quoted_after("reason: \""), quoted_after("error: \"")) {
+        (Some(reason), Some(verify)) => format!("{reason} ({verify})"),
+        (Some(reason), None) => reason.to_string(),
+        _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_failure;
+
+    #[test]
+    fn tls_failures_read_like_openssl() {
+        let dump = r#"called `Result::unwrap()` on an `Err` value: Failure(Ssl(Error { code: ErrorCode(1), cause: Some(Ssl(ErrorStack([Error { code: 167772294, library: "SSL routines", function: "tls_post_process_server_certificate", reason: "certificate verify failed", file: "../ssl/statem/statem_clnt.c", line: 1889 }]))) }, X509VerifyResult { code: 19, error: "self-signed certificate in certificate chain" }))"#;
+        assert_eq!(
+            tls_failure(dump),
+            "certificate verify failed (self-signed certificate in certificate chain)"
+        );
+        assert_eq!(tls_failure("something else"), "something else");
     }
 }
