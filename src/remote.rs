@@ -27,7 +27,7 @@ use crate::call::{self, Call};
 use crate::log::action;
 use crate::provider::Provider;
 use crate::session::now;
-use crate::store::SessionStore;
+use crate::store::{SessionStore, ZoneError};
 use crate::{ctx, request_log, HttpAuthentikModule};
 
 /// How long an id the store does not know is answered "no session" without asking, seconds.
@@ -151,8 +151,13 @@ pub fn lookup_done(
 ) {
     let now = now();
     match result {
+        // Another provider's session is no session here.
+        Some(Ok(Some(stored))) if stored.provider != provider.key => remember_miss(id, now),
         Some(Ok(Some(stored))) => {
-            if provider.zone().insert_stored(id, &stored, now).is_err() {
+            // Expired, or a record this version cannot read: no session. (A collision means a
+            // concurrent request of the same user filled the zone first.)
+            let inserted = provider.zone().insert_stored(id, &stored, now);
+            if let Err(ZoneError::Unreadable) = inserted {
                 remember_miss(id, now);
             }
         }
