@@ -307,9 +307,9 @@ def test_session_end_reaches_both_nodes_and_the_store(target, tmp_path, upstream
         ak.stop()
 
 
-def test_store_expiry_and_eviction_reach_every_zone(pair, browsers):
-    """A record that ends in the store (expired here; evicted records take the same keyspace
-    notification path) leaves every node's zone within a second."""
+def test_store_expiry_reaches_every_zone(pair, browsers):
+    """A record that expires in the store (here earlier than the zone's copy) leaves every
+    node's zone within a second (the `expired` keyspace notification)."""
     pair.start()
     b1, b2 = browsers(), browsers()
     b1.login(pair.a.url("/"), "alice")
@@ -383,3 +383,29 @@ def test_rediss_verifies_the_certificate(target, tmp_path, provider, upstream):
     finally:
         pair.stop()
         redis.stop()
+
+
+def test_store_eviction_reaches_every_zone(pair, browsers):
+    """The store evicts (maxmemory): the evicted sessions leave every node's zone too (the
+    `evicted` keyspace notification), within a second."""
+    import subprocess
+
+    pair.start()
+    b1 = browsers()
+    b1.login(pair.a.url("/"), "alice")
+    alice = cookie_of(b1, pair)
+    assert user_on(pair.b, alice, pair) == "alice" and user_on(pair.a, alice, pair) == "alice"
+    pair.redis.cli("CONFIG", "SET", "maxmemory-policy", "volatile-ttl")
+    pair.redis.cli("CONFIG", "SET", "maxmemory", "1")
+    try:
+        # the next write makes the store evict every key with a TTL (the sessions)
+        try:
+            pair.redis.cli("SET", "unrelated", "x")
+        except subprocess.CalledProcessError:
+            pass
+        assert pair.redis.keys("authentik:s:*") == []
+        assert int(pair.redis.cli("INFO", "stats").split("evicted_keys:")[1].split()[0]) >= 1
+        eventually(lambda: get(pair.a, alice, pair).status_code == 401 and get(pair.b, alice, pair).status_code == 401,
+                   1.0, "the evicted session leaves both zones")
+    finally:
+        pair.redis.cli("CONFIG", "SET", "maxmemory", "0")
