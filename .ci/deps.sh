@@ -20,7 +20,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir="$root/build"
 
 BUILD_APT=(nginx nginx-dev libclang-dev clang g++ pkg-config libssl-dev libpcre2-dev zlib1g-dev make dpkg-dev)
-TEST_APT=(wrk curl chromium chromium-driver caddy)
+TEST_APT=(wrk curl chromium chromium-driver caddy redis-server)
 
 say() { echo "deps: $*"; }
 die() {

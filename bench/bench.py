@@ -17,6 +17,7 @@ See bench/README.md for what is measured and how.
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import datetime
 import http.client
@@ -53,7 +54,7 @@ BENCH_MODULE = REPO / "build" / "bench" / "ngx_http_authentik_module.so"
 NOISE_CORES = 0.3  # a run during which other processes used more CPU than this is repeated (budget)
 FRONT_CPU = {1}  # per-core runs: the front server alone on CPU 1 ...
 OTHER_CPU = {0}  # ... wrk, the upstream and the auth responder on CPU 0
-SETUPS = ["baseline", "authentik", "authentik_bearer", "authentik_metrics", "auth_request", "apache"]
+SETUPS = ["baseline", "authentik", "authentik_bearer", "authentik_metrics", "auth_request", "apache", "store"]
 LABEL = {
     "baseline": "1 nginx proxy_pass, no auth",
     "authentik": "2 nginx + auth_authentik (this module)",
@@ -61,9 +62,10 @@ LABEL = {
     "authentik_metrics": "2m set-up 2 with `authentik_metrics` (counting on)",
     "auth_request": "3 nginx auth_request -> zero-work responder",
     "apache": "4 Apache httpd + mod_auth_openidc (shm)",
+    "store": "5 nginx + auth_authentik + store= redis (L1 hit)",
 }
 SHORT = {"baseline": "1", "authentik": "2", "authentik_bearer": "2b", "authentik_metrics": "2m", "auth_request": "3",
-         "apache": "4"}
+         "apache": "4", "store": "5"}
 
 IDENTITY = {  # what the zero-work auth responder of set-up 3 answers (alice's values)
     "X-authentik-username": "alice",
@@ -142,12 +144,13 @@ server {{
 
 
 def authentik_http(up_port: int, provider: Provider, client: dict, origin: str, zone: str = "64m",
-                   metrics: bool = False) -> str:
-    """Set-up 2; with `metrics`, the same plus an `authentik_metrics` location (counting on)."""
+                   metrics: bool = False, store: str = "") -> str:
+    """Set-up 2; with `metrics`, the same plus an `authentik_metrics` location (counting on);
+    with `store`, the zone backed by that session store (set-up 5)."""
     block = harness.provider_block("main", provider.issuer, client, origin, "proxy")
     scrape = "location = /metrics { authentik_metrics; allow 127.0.0.1; deny all; }" if metrics else ""
     return app_upstream(up_port) + f"""
-authentik_session_zone zone=authentik:{zone};
+authentik_session_zone zone=authentik:{zone}{(' store=' + store) if store else ''};
 {block}
 server {{
     listen 127.0.0.1:@PORT@;
@@ -328,12 +331,16 @@ class Bench:
             "authentik": self.track(NginxProc("front-authentik", self.wd, MODULE)),
             "authentik_metrics": self.track(NginxProc("front-authentik-metrics", self.wd, MODULE)),
             "auth_request": self.track(NginxProc("front-auth-request", self.wd)),
+            "store": self.track(NginxProc("front-store", self.wd, MODULE)),
         }
+        # set-up 5's shared session store: a private redis-server on loopback
+        self.redis = self.track(harness.Redis(self.wd / "redis"))
+        self.redis.start()
         self.cg_front = self.track(NginxProc("callgrind-authentik", self.wd, MODULE))
         self.cg_base = self.track(NginxProc("callgrind-baseline", self.wd))
         self.scale_front = self.track(NginxProc("scale-authentik", self.wd, BENCH_MODULE))
         origins = [self.front["authentik"].origin, self.front["authentik_metrics"].origin, self.cg_front.origin,
-                   self.scale_front.origin]
+                   self.scale_front.origin, self.front["store"].origin]
         self.client = self.provider.new_client(origins, client_id="nginx-bench")
         self.cookie_name = session_cookie_name(self.client["client_id"])
         self.apache = None
@@ -371,6 +378,8 @@ class Bench:
         fm = self.front["authentik_metrics"]
         fm.start(authentik_http(up, self.provider, self.client, fm.origin, metrics=True), workers)
         self.front["auth_request"].start(auth_request_http(up, rp), workers)
+        fs = self.front["store"]
+        fs.start(authentik_http(up, self.provider, self.client, fs.origin, store=self.redis.url), workers)
         targets = {}
         plain_ok(self.front["baseline"].origin + "/")
 
@@ -401,6 +410,10 @@ class Bench:
         mcookie = login_cookie(fm.origin + "/", self.cookie_name)
         plain_ok(fm.origin + "/", {self.cookie_name: mcookie})
         targets["authentik_metrics"] = (fm.origin + "/", {"Cookie": f"{self.cookie_name}={mcookie}"})
+
+        store_cookie = login_cookie(fs.origin + "/", self.cookie_name)
+        plain_ok(fs.origin + "/", {self.cookie_name: store_cookie})
+        targets["store"] = (fs.origin + "/", {"Cookie": f"{self.cookie_name}={store_cookie}"})
 
         fr = self.front["auth_request"]
         check_upstream_sees(fr.origin + "/echo", {}, {"username": "alice", "groups": "admins|users"})
@@ -573,6 +586,51 @@ class Bench:
                     url, hdr = targets[s]
                     self.measure(s, url, hdr, self.p.paced_duration, True, script=script, conns=conns,
                                  kind="paced", workers=1, extra={"rep": rep})
+
+    # --- 1b. set-up 5: an L1 miss served from the store ---
+    def store_miss(self):
+        """Latency of requests whose session is in the store but not in the zone (the first
+        request of a user on a node), against the same requests once the zone has them (L1
+        hits), sequentially on one keep-alive connection, 1 worker."""
+        n = 200 if self.p.smoke else 3000
+        fs = self.front["store"]
+        fs.stop()
+        fs.start(authentik_http(self.upstream.port, self.provider, self.client, fs.origin, store=self.redis.url), 1)
+        cookie = login_cookie(fs.origin + "/", self.cookie_name)
+        src = "authentik:s:" + base64.urlsafe_b64decode(cookie + "=").hex()
+        ids = [os.urandom(32) for _ in range(n)]
+        cmds = "".join(f"COPY {src} authentik:s:{i.hex()}\n" for i in ids)
+        subprocess.run([harness.Redis.CLI, "-p", str(self.redis.port)], input=cmds, text=True, check=True,
+                       capture_output=True)
+        values = [base64.urlsafe_b64encode(i).rstrip(b"=").decode() for i in ids]
+        conn = http.client.HTTPConnection("127.0.0.1", fs.port, timeout=10)
+
+        def once(value):
+            t0 = time.perf_counter()
+            conn.request("GET", "/", headers={"Cookie": f"{self.cookie_name}={value}"})
+            resp = conn.getresponse()
+            resp.read()
+            took = time.perf_counter() - t0
+            if resp.status != 200:
+                raise RuntimeError(f"store L1 miss: status {resp.status}")
+            return took * 1e6
+
+        for v in values[:20]:  # warm-up (connections to the store, the thread pool)
+            once(v)
+        miss = sorted(once(v) for v in values[20:])
+        hit = sorted(once(v) for v in values[20:])
+        conn.close()
+
+        def pct(xs, q):
+            return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+        r = {"n": len(miss), "miss_p50": pct(miss, 0.5), "miss_p99": pct(miss, 0.99),
+             "hit_p50": pct(hit, 0.5), "hit_p99": pct(hit, 0.99)}
+        r["added_p50"] = r["miss_p50"] - r["hit_p50"]
+        self.res["store_miss"] = r
+        log(f"store L1 miss: p50 {us(r['miss_p50'])} p99 {us(r['miss_p99'])}; the same requests as L1 hits: "
+            f"p50 {us(r['hit_p50'])} p99 {us(r['hit_p99'])}; a miss adds {us(r['added_p50'])} at p50")
+        fs.stop()
 
     # --- 2. callgrind ---
     def callgrind(self):
@@ -981,12 +1039,23 @@ def render(res: dict) -> str:
                 rat.append(f"2/{SHORT[other]} = **{two['rps'] / o['rps']:.2f}**")
             else:
                 rat.append(f"2/{SHORT[other]} = not measured")
+        five = s.get(("store", w))
+        rat.append(f"5/2 = **{five['rps'] / two['rps']:.2f}**" if five and two else "5/2 = not measured")
         L.append("Ratios of the medians (req/s): " + ", ".join(rat))
         L.append("")
     if res.get("apache_error"):
         L.append(f"Set-up 4 (Apache + mod_auth_openidc): **not measured**: {res['apache_error']}")
         L.append("")
 
+    sm = res.get("store_miss")
+    if sm:
+        L.append("## Set-up 5: an L1 miss served from the store (1 worker, sequential, one keep-alive connection)")
+        L.append("")
+        L.append("| requests | L1 miss p50 | L1 miss p99 | same requests as L1 hits p50 | p99 | added by the miss (p50) |")
+        L.append("|---:|---:|---:|---:|---:|---:|")
+        L.append(f"| {sm['n']} | {us(sm['miss_p50'])} | {us(sm['miss_p99'])} | {us(sm['hit_p50'])} | "
+                 f"{us(sm['hit_p99'])} | {us(sm['added_p50'])} |")
+        L.append("")
     b1, a1 = s.get(("baseline", 1)), s.get(("authentik", 1))
     L.append("## CPU per request of the front nginx (1 worker)")
     L.append("")
@@ -1250,6 +1319,7 @@ def main():
     try:
         bench.start_common()
         bench.throughput()
+        bench.store_miss()
         bench.res["apache_error"] = bench.apache_error
         bench.callgrind()
         bench.scale()

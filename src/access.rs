@@ -30,6 +30,7 @@ use crate::log::action;
 use crate::metrics::{self, Outcome};
 use crate::outpost::{self, ByHost, Found};
 use crate::provider::Provider;
+use crate::remote;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session;
 use crate::HttpAuthentikModule;
@@ -108,6 +109,10 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
                 // runs again and finds it, without another provider call.
                 header_auth::finished(r, provider, &cache_id, result);
             }
+            // An L1 miss answered by the shared store: the zone is filled, decide again.
+            Some(Finished::Done(Call::StoreSession { store, id, result })) => {
+                remote::lookup_done(r, provider, &store, &id, result);
+            }
             Some(Finished::Done(call)) => return login::resume(r, provider, call),
             Some(Finished::Panicked(msg)) => {
                 request_log!(
@@ -144,6 +149,11 @@ fn access(r: &mut ngx_http_request_t) -> ngx_int_t {
 
     let cookies = session::scan(r, provider, endpoint.is_none() && !is_callback);
     let session = cookies.session;
+    if let (None, Some(id)) = (&session, cookies.missed) {
+        if let Some(rc) = remote::lookup_on_miss(r, provider, id) {
+            return rc;
+        }
+    }
 
     // Client-sent identity headers never reach the upstream, authenticated or not; nor, when
     // the module sets them, client copies of X-Forwarded-Host and additionalHeaders.

@@ -45,11 +45,12 @@ use crate::HttpAuthentikModule;
 
 mod heartbeat;
 mod outpost;
+mod store_sync;
 mod task;
 
 pub use heartbeat::{add_zone, heartbeat_value};
 use task::{spawn, Shared};
-pub use task::{Context, Level, Task};
+pub use task::{spawn_detached, Context, Level, Task};
 
 /// How often the supervisor logs what the tasks queued, runs their ticks (authentik's
 /// SESSION_END is acted on then) and checks for a shutdown.
@@ -178,6 +179,7 @@ fn tasks(cycle: &ngx_cycle_t, mcf: &crate::conf::MainConf) -> Vec<Task> {
     if let Some(task) = outpost::task(cycle, mcf) {
         tasks.push(task);
     }
+    tasks.extend(store_sync::tasks(cycle, mcf));
     match heartbeat::task(cycle) {
         Some(task) => tasks.push(task),
         None => {
@@ -336,7 +338,7 @@ fn stop(log: *mut ngx_log_t) {
 /// also refuses to unload an object while a live thread has thread-local destructors of it
 /// pending, which Rust's std registers for its threads, and no crash was seen without the
 /// pin; that is an implementation detail, so the pin states the intent.)
-fn pin_module() -> bool {
+pub fn pin_module() -> bool {
     // SAFETY: `Dl_info` is plain data, filled by dladdr.
     let mut info: Dl_info = unsafe { core::mem::zeroed() };
     let addr = pin_module as fn() -> bool as *const c_void;

@@ -13,6 +13,10 @@
 //! nginx frees it at once (`ngx_http_test_reading` watches the connection), and the completion
 //! event then only frees the call.
 //!
+//! Lookups in the shared session store (`store=`) are calls too: an L1 miss
+//! (`StoreSession`) and a callback whose login started on another node (`StoreLogin`); their
+//! deadline is `store_timeout`.
+//!
 //! Discovery is single-flight per provider and worker: while one fetch is in flight, other
 //! requests that need the document wait on the event loop (no thread each) and are woken when
 //! it ends; after a failure the metadata cache answers fast for a few seconds.
@@ -27,6 +31,7 @@ use std::sync::Arc;
 use authentik_core::oidc::header_auth::{self, Credentials, HeaderAuthError};
 use authentik_core::oidc::{LoginError, PendingLogin, ProviderError};
 use authentik_core::provider::ProviderRuntime;
+use authentik_core::remote::{RemoteStore, StoreError, StoredSession};
 use authentik_core::session::{SessionId, SessionRecord};
 use nginx_sys::{
     ngx_event_t, ngx_http_block_reading, ngx_http_request_t, ngx_http_run_posted_requests,
@@ -35,6 +40,7 @@ use nginx_sys::{
 };
 
 use crate::provider::Provider;
+use crate::remote::SessionWrite;
 
 /// Requests that may wait for one provider's discovery fetch in one worker; beyond, 503.
 pub const MAX_DISCOVERY_WAITERS: usize = 256;
@@ -59,6 +65,23 @@ pub enum Call {
         max_lifetime: i64,
         login_cookie: String,
         result: Option<Result<Box<SessionRecord>, LoginError>>,
+        /// With a shared store, the new session is written there too (see `remote`).
+        store_write: Option<Box<SessionWrite>>,
+    },
+    /// Look a session cookie that missed the zone up in the shared store.
+    StoreSession {
+        store: Arc<RemoteStore>,
+        id: SessionId,
+        result: Option<Result<Option<StoredSession>, StoreError>>,
+    },
+    /// Take a pending login that is not in the zone from the shared store (a callback on
+    /// another node than the start), then go on with the callback.
+    StoreLogin {
+        store: Arc<RemoteStore>,
+        state: String,
+        code: Option<String>,
+        error: Option<String>,
+        result: Option<Result<Option<Vec<u8>>, StoreError>>,
     },
     /// Check an `Authorization` header with the provider (introspection, or authentik's app
     /// password grant), then cache the answer under `cache_id` and continue.
@@ -277,14 +300,19 @@ fn run(runtime: &ProviderRuntime, call: &mut Call) {
         Call::Discovery { result, .. } => {
             *result = Some(runtime.fetch_discovery(now).map(drop));
         }
-        Call::Login { login, code, max_lifetime, result, .. } => {
+        Call::Login { login, code, max_lifetime, result, store_write, .. } => {
             let record = runtime.complete_login(login, code, *max_lifetime, now);
+            if let (Ok(record), Some(write)) = (&record, store_write.as_mut()) {
+                write.run(record, now);
+            }
             *result = Some(record.map(Box::new));
         }
         Call::HeaderAuth { credentials, result, .. } => {
             let record = header_auth::authenticate(runtime.context(), credentials, now);
             *result = Some(record.map(Box::new));
         }
+        Call::StoreSession { store, id, result } => *result = Some(store.get_session(&id.0)),
+        Call::StoreLogin { store, state, result, .. } => *result = Some(store.take_login(state)),
     }
 }
 

@@ -36,6 +36,8 @@ pub struct RequestCtx {
     pub held: Vec<Rc<Provider>>,
     /// Under `satisfy any`: the answer left for after the other access modules (`authorize`).
     pub deferred: Option<crate::authorize::Deferred>,
+    /// The session cookie missed the zone and was looked up in the shared store (once).
+    pub store_checked: bool,
 }
 
 impl Default for RequestCtx {
@@ -48,6 +50,7 @@ impl Default for RequestCtx {
             chosen: ptr::null(),
             held: Vec::new(),
             deferred: None,
+            store_checked: false,
         }
     }
 }

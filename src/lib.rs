@@ -51,6 +51,7 @@ mod login;
 mod metrics;
 mod outpost;
 mod provider;
+mod remote;
 mod response;
 mod router;
 mod session;

@@ -24,6 +24,7 @@ pub mod action {
     pub const FORWARD_AUTH: &CStr = c"answering an authentik forward auth request";
     pub const AUTHORIZE: &CStr = c"checking authentik_require rules";
     pub const METRICS: &CStr = c"serving authentik metrics";
+    pub const STORE: &CStr = c"reading the authentik session store";
 }
 
 /// Logs `args` at `level` on the request's connection log with `action` as its context.

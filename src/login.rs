@@ -11,6 +11,7 @@ use authentik_core::identity::check_proxy_overrides;
 use authentik_core::oidc::login::end_session_url;
 use authentik_core::oidc::{authorize_url, LoginError, PendingLogin};
 use authentik_core::redirect::{validate_return_to, MAX_RETURN_URL};
+use authentik_core::remote::Revocation;
 use authentik_core::request::{decode_query_value, query_arg};
 use authentik_core::session::{SessionId, SessionRecord};
 use nginx_sys::{
@@ -23,6 +24,7 @@ use crate::call::{self, AfterDiscovery, Call, CallError, Finished};
 use crate::log::action;
 use crate::metrics::{self, LoginFailure};
 use crate::provider::Provider;
+use crate::remote;
 use crate::response::{self, INTERNAL_ERROR};
 use crate::session::{self, now};
 use crate::store::{Eviction, SessionStore, ZoneError};
@@ -79,6 +81,7 @@ pub fn start(
         metrics::login_failed(provider, LoginFailure::Busy);
         return response::busy(r, provider);
     }
+    remote::put_login(provider, &login.state, login.encode(), now());
     let url = authorize_url(
         &discovery.authorization_endpoint,
         &settings.client_id,
@@ -110,10 +113,29 @@ pub fn callback(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
         return response::invalid_state(r, provider, "the login request has no state");
     };
     let Some(login) = provider.zone().take_login(&state, now()) else {
+        if let Some(store) = &provider.zone().remote {
+            // The login may have started on another node.
+            let store = store.clone();
+            let call = Call::StoreLogin { store, state, code, error, result: None };
+            return start_call(r, provider, call);
+        }
         let reason = "login state is unknown, expired or already used";
         return response::invalid_state(r, provider, reason);
     };
-    let login_cookie = cookie::login_cookie_name(&provider.cookie_name, &state);
+    remote::forget_login(provider, &state, now());
+    callback_with(r, provider, &state, login, code, error)
+}
+
+/// The callback once its pending login is found: the browser check, then the code redeemed.
+fn callback_with(
+    r: &mut ngx_http_request_t,
+    provider: &Provider,
+    state: &str,
+    login: PendingLogin,
+    code: Option<String>,
+    error: Option<String>,
+) -> ngx_int_t {
+    let login_cookie = cookie::login_cookie_name(&provider.cookie_name, state);
     let binding = http::request_headers(r, b"cookie")
         .find_map(|h| cookie::find_cookie(h, login_cookie.as_bytes()));
     if !binding.is_some_and(|b| login.binding_matches(b)) {
@@ -138,7 +160,9 @@ pub fn callback(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
     };
     let login = Box::new(login);
     let max_lifetime = provider.session_lifetime();
-    start_call(r, provider, Call::Login { login, code, max_lifetime, login_cookie, result: None })
+    let store_write = remote::session_write(provider);
+    let call = Call::Login { login, code, max_lifetime, login_cookie, result: None, store_write };
+    start_call(r, provider, call)
 }
 
 /// Deletes the user's sessions in the zone, expires the cookie, and sends the browser to the
@@ -147,7 +171,12 @@ pub fn sign_out(r: &mut ngx_http_request_t, provider: &Provider) -> ngx_int_t {
     let record = session::scan(r, provider, true).session;
     let id_token = record.map(|rec| String::from_utf8_lossy(rec.logout_hint()).into_owned());
     if let Some(rec) = &record {
-        provider.zone().remove_by_sub(&String::from_utf8_lossy(rec.sub));
+        let sub = String::from_utf8_lossy(rec.sub);
+        provider.zone().remove_by_sub(&sub);
+        remote::revoke(&provider.zone().remote, Revocation::Sub(sub.into_owned()), now());
+    } else if let Some(id) = session::scan(r, provider, false).missed {
+        // Not in this node's zone: the session may live in the store and on other nodes.
+        remote::revoke(&provider.zone().remote, Revocation::Id(id.0), now());
     }
     response::expire_session_cookie(r, provider);
     if record.is_none() {
@@ -192,8 +221,9 @@ pub fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -
     };
     let pool = mcf.thread_pool;
     let what = match &call {
-        Call::Login { .. } => action::CALLBACK,
+        Call::Login { .. } | Call::StoreLogin { .. } => action::CALLBACK,
         Call::HeaderAuth { .. } => action::HEADER_AUTH,
+        Call::StoreSession { .. } => action::STORE,
         Call::Discovery { then: AfterDiscovery::SignOut { .. }, .. } => action::SIGN_OUT,
         Call::Discovery { .. } => action::START_LOGIN,
     };
@@ -271,11 +301,28 @@ pub fn resume(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -> ng
             let end = discovery.as_ref().and_then(|d| d.end_session_endpoint.as_deref());
             finish_sign_out(r, provider, end, id_token)
         }
-        Call::Login { login, login_cookie, result, .. } => {
+        Call::StoreLogin { store, state, code, error, result } => {
+            crate::remote::report(r, &store);
+            let found = match result {
+                Some(Ok(Some(bytes))) => PendingLogin::decode(&bytes),
+                _ => None,
+            };
+            let Some(login) = found.filter(|l| l.created_at + provider.login_timeout > now())
+            else {
+                let reason = "login state is unknown, expired or already used";
+                return response::invalid_state(r, provider, reason);
+            };
+            callback_with(r, provider, &state, login, code, error)
+        }
+        // Handled by the access decision, which goes on with the filled zone.
+        Call::StoreSession { .. } => INTERNAL_ERROR,
+        Call::Login { login, login_cookie, result, store_write, .. } => {
             let path = response::login_cookie_path(provider);
             response::expire_cookie(r, provider, &login_cookie, &path);
             match result {
-                Some(Ok(record)) => create_session(r, provider, *record, &login.return_to),
+                Some(Ok(record)) => {
+                    create_session(r, provider, *record, &login.return_to, store_write)
+                }
                 Some(Err(e)) => {
                     let (what, reason) = match &e {
                         LoginError::Provider(_) => {
@@ -302,6 +349,7 @@ fn create_session(
     provider: &Provider,
     mut record: SessionRecord,
     return_to: &str,
+    store_write: Option<Box<crate::remote::SessionWrite>>,
 ) -> ngx_int_t {
     let now = now();
     // `ak_proxy.backend_override` and `host_header` become $authentik_backend and
@@ -316,8 +364,10 @@ fn create_session(
     }
     let zone = provider.zone();
     let mut attempt = 0;
+    // With a store, the id the thread wrote there comes first.
+    let mut stored_id = store_write.as_ref().map(|w| w.id);
     let (id, eviction) = loop {
-        let id = SessionId::generate();
+        let id = stored_id.take().unwrap_or_else(SessionId::generate);
         match zone.insert(&id, provider.key, &record, now) {
             Ok(eviction) => break (id, eviction),
             Err(ZoneError::Collision) if attempt < 3 => attempt += 1,
@@ -351,6 +401,22 @@ fn create_session(
         }
     };
     warn_eviction(r, provider, &eviction);
+    if let Some(write) = store_write {
+        crate::remote::report(r, &write.store);
+        if write.id != id {
+            // The zone refused the id the store has (never seen: 256 random bits).
+            (*write).retry_as(id, &record);
+        } else if !matches!(write.result, Some(Ok(()))) {
+            let sub = record.sub.escape_default();
+            request_log!(
+                r,
+                NGX_LOG_WARN,
+                action::CREATE_SESSION,
+                "session of \"{sub}\" is on this node only until the session store returns"
+            );
+            write.retry(&record);
+        }
+    }
     metrics::evicted(provider, eviction.evicted);
     metrics::login_completed(provider);
     let attrs = response::session_cookie_attributes(r, provider);

@@ -20,6 +20,8 @@ pub struct CookieScan {
     pub session: Option<SessionView<'static>>,
     /// How many copies of the cookie the request carries (a browser sends one per scope).
     pub copies: usize,
+    /// The first well-formed session id that is not in the zone (for the shared store).
+    pub missed: Option<SessionId>,
 }
 
 /// Every value of the provider's session cookie in the request, in order (usually one).
@@ -34,12 +36,15 @@ pub fn session_cookies<'a>(
 /// Scans the session cookie's copies; with `lookup`, looks them up in order until one names a
 /// live session of this provider. Allocates nothing.
 pub fn scan(r: &ngx_http_request_t, provider: &Provider, lookup: bool) -> CookieScan {
-    let mut scan = CookieScan { session: None, copies: 0 };
+    let mut scan = CookieScan { session: None, copies: 0, missed: None };
     for value in session_cookies(r, provider) {
         scan.copies += 1;
         if lookup && scan.session.is_none() {
-            scan.session = SessionId::from_cookie_value(value)
-                .and_then(|id| SessionView::parse(session_bytes(r, provider, &id)?));
+            let Some(id) = SessionId::from_cookie_value(value) else { continue };
+            scan.session = session_bytes(r, provider, &id).and_then(SessionView::parse);
+            if scan.session.is_none() && scan.missed.is_none() {
+                scan.missed = Some(id);
+            }
         }
     }
     scan

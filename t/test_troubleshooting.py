@@ -61,6 +61,10 @@ NOT_MESSAGES = {
     "Sign out": "the link on the rule's 403 page",
     "this account": "a word of the rule's 403 page",
     "claim …": "how a claim rule prints itself inside the 403 line",
+    'error: "': "a key searched for in the redis crate's TLS panic text",
+    'reason: "': "a key searched for in the redis crate's TLS panic text",
+    "sid …": "a revocation message on the store's pub/sub channel",
+    "sub …": "a revocation message on the store's pub/sub channel",
 }
 
 

@@ -18,6 +18,7 @@ pub mod page;
 pub mod paths;
 pub mod provider;
 pub mod redirect;
+pub mod remote;
 pub mod request;
 pub mod rules;
 pub mod session;

@@ -11,6 +11,7 @@ use authentik_core::outpost::api::Snapshot;
 use authentik_core::outpost::provider::build;
 use authentik_core::outpost::sync::{self, OutpostEvents, Severity};
 use authentik_core::outpost::OutpostOptions;
+use authentik_core::remote::Revocation;
 use nginx_sys::{ngx_cycle_t, NGX_LOG_INFO};
 use ngx::ngx_log_error;
 
@@ -43,6 +44,14 @@ pub fn task(cycle: &ngx_cycle_t, mcf: &MainConf) -> Option<Task> {
             // SAFETY: the session zones live in the cycle's configuration, which outlives the
             // supervisor's timer (stopped in exit_process before the cycle goes).
             let removed: usize = zones.iter().map(|z| unsafe { &**z }.remove_by_sid(&sid)).sum();
+            // With a shared store: delete them there too, and tell the nodes that have no
+            // websocket of their own (or whose websocket is down).
+            for z in &zones {
+                // SAFETY: as above.
+                let remote = &unsafe { &**z }.remote;
+                let revocation = Revocation::Sid(sid.clone());
+                crate::remote::revoke(remote, revocation, crate::session::now());
+            }
             ngx_log_error!(
                 NGX_LOG_INFO,
                 log,

@@ -140,6 +140,34 @@ pub(super) fn spawn(
     shared: Arc<Shared>,
     run: Box<dyn FnOnce(&Context) + Send>,
 ) -> std::io::Result<JoinHandle<()>> {
+    let ctx = Context { shared };
+    spawn_with_signals_blocked(format!("ak-{name}"), move || {
+        let ran = catch_unwind(AssertUnwindSafe(|| run(&ctx)));
+        let mut st = ctx.shared.lock();
+        if let Err(panic) = ran {
+            let msg = crate::log::panic_message(&*panic);
+            st.panicked = Some(msg);
+        }
+        st.finished = true;
+        drop(st);
+        ctx.shared.wake.notify_all();
+    })
+}
+
+/// Starts a thread of this worker's own (not a supervised task: the store's writer) with
+/// nginx's signals blocked; a panic in it is caught and ends the thread.
+pub fn spawn_detached(name: &str, body: Box<dyn FnOnce() + Send>) -> std::io::Result<()> {
+    spawn_with_signals_blocked(format!("ak-{name}"), move || {
+        let _ = catch_unwind(AssertUnwindSafe(body));
+    })
+    .map(drop)
+}
+
+/// Starts `body` on a thread that has every asynchronous signal blocked.
+fn spawn_with_signals_blocked(
+    name: String,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
     // SAFETY: plain sigset_t values, filled by sigfillset/pthread_sigmask before use.
     let (mut all, mut old): (sigset_t, sigset_t) = unsafe { core::mem::zeroed() };
     // SAFETY: `all` and `old` are valid sigsets; the mask is restored right after the spawn
@@ -151,18 +179,7 @@ pub(super) fn spawn(
         }
         pthread_sigmask(SIG_BLOCK as c_int, &all, &mut old);
     }
-    let ctx = Context { shared };
-    let thread = std::thread::Builder::new().name(format!("ak-{name}")).spawn(move || {
-        let ran = catch_unwind(AssertUnwindSafe(|| run(&ctx)));
-        let mut st = ctx.shared.lock();
-        if let Err(panic) = ran {
-            let msg = crate::log::panic_message(&*panic);
-            st.panicked = Some(msg);
-        }
-        st.finished = true;
-        drop(st);
-        ctx.shared.wake.notify_all();
-    });
+    let thread = std::thread::Builder::new().name(name).spawn(body);
     // SAFETY: restores this thread's mask saved above.
     unsafe { pthread_sigmask(SIG_SETMASK as c_int, &old, ptr::null_mut()) };
     thread

@@ -26,11 +26,15 @@ mod usage;
 mod zone;
 
 use authentik_core::oidc::PendingLogin;
-use authentik_core::session::{SessionId, SessionRecord};
+use authentik_core::remote::{RemoteStore, StoredSession};
+use authentik_core::session::{SessionId, SessionRecord, SessionView};
 use authentik_core::UnixTime;
 
 pub use usage::ZoneUsage;
 pub use zone::{SessionZone, SharedZoneError};
+
+/// The shared store behind a zone (`store=`), if any.
+pub type Remote = Option<std::sync::Arc<RemoteStore>>;
 
 /// What the handlers need from a session store. Sessions are bound to a provider key: a lookup
 /// with another key does not find them.
@@ -58,6 +62,18 @@ pub trait SessionStore {
     /// Deletes every session whose `sub` is `sub`; returns how many.
     fn remove_by_sub(&self, sub: &str) -> usize;
 
+    /// Deletes the session `id` (a revocation from the shared store); whether it was there.
+    fn remove_by_id(&self, id: &SessionId) -> bool;
+
+    /// Stores a session read from the shared store (an L1 miss), unless it has expired or its
+    /// record is not one this version reads.
+    fn insert_stored(
+        &self,
+        id: &SessionId,
+        stored: &StoredSession,
+        now: UnixTime,
+    ) -> Result<Eviction, ZoneError>;
+
     /// Deletes every session whose `sid` is `sid` (authentik's SESSION_END); returns how many.
     fn remove_by_sid(&self, sid: &str) -> usize;
 
@@ -77,6 +93,8 @@ pub enum ZoneError {
     Collision,
     #[error("record of {0} bytes is larger than the limit of {1} bytes")]
     TooLarge(usize, usize),
+    #[error("session record from the store is expired or unreadable")]
+    Unreadable,
 }
 
 /// What an insert had to do to find room.
@@ -114,6 +132,29 @@ impl SessionStore for SessionZone {
 
     fn remove_by_sid(&self, sid: &str) -> usize {
         sessions::remove_by_sid(self, sid)
+    }
+
+    fn remove_by_id(&self, id: &SessionId) -> bool {
+        sessions::remove_by_id(self, id)
+    }
+
+    fn insert_stored(
+        &self,
+        id: &SessionId,
+        stored: &StoredSession,
+        now: UnixTime,
+    ) -> Result<Eviction, ZoneError> {
+        let bytes = &stored.record;
+        let (Some(_), Some(sub)) = (SessionView::parse(bytes), SessionRecord::peek_sub(bytes))
+        else {
+            return Err(ZoneError::Unreadable);
+        };
+        if stored.expires_at <= now {
+            return Err(ZoneError::Unreadable);
+        }
+        let sid = SessionRecord::peek_sid(bytes).and_then(|s| core::str::from_utf8(s).ok());
+        let fields = sessions::Fields { sub, sid, expires_at: stored.expires_at };
+        sessions::insert_encoded(self, id, stored.provider, bytes, fields, now)
     }
 
     fn insert_login(&self, login: &PendingLogin, ttl: i64, now: UnixTime) -> Result<(), ZoneError> {

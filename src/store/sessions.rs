@@ -78,6 +78,27 @@ pub(super) fn insert(
     now: UnixTime,
 ) -> Result<Eviction, ZoneError> {
     let bytes = record.encode();
+    let fields =
+        Fields { sub: &record.sub, sid: record.sid.as_deref(), expires_at: record.expires_at };
+    insert_encoded(zone, id, provider, &bytes, fields, now)
+}
+
+/// What the zone's trees need of a record besides its bytes.
+pub(super) struct Fields<'a> {
+    pub(super) sub: &'a str,
+    pub(super) sid: Option<&'a str>,
+    pub(super) expires_at: UnixTime,
+}
+
+/// Stores an encoded session record (a new one, or one read from the shared store).
+pub(super) fn insert_encoded(
+    zone: &SessionZone,
+    id: &SessionId,
+    provider: u32,
+    bytes: &[u8],
+    fields: Fields<'_>,
+    now: UnixTime,
+) -> Result<Eviction, ZoneError> {
     if bytes.len() > zone.max_record {
         return Err(ZoneError::TooLarge(bytes.len(), zone.max_record));
     }
@@ -92,15 +113,15 @@ pub(super) fn insert(
     unsafe {
         let e = entry.as_ptr();
         ptr::write_bytes(e, 0, 1);
-        (*e).sub_node.key = sub_key(&record.sub) as _;
-        if let Some(sid) = &record.sid {
+        (*e).sub_node.key = sub_key(fields.sub) as _;
+        if let Some(sid) = fields.sid {
             (*e).node.key = sub_key(sid) as _;
             (*e).node.data = 1;
         }
         (*e).id = id.0;
-        (*e).expires_at = record.expires_at;
+        (*e).expires_at = fields.expires_at;
         (*e).provider = provider;
-        Entry::set_record(entry, &bytes);
+        Entry::set_record(entry, bytes);
     }
     if index::insert(table.index_mut(), id.key(), entry).is_err() {
         // Not reached: `make_room` kept the index under its cap and the id is not in it.
@@ -124,6 +145,21 @@ pub(super) fn insert(
         eviction.warn = true;
     }
     Ok(eviction)
+}
+
+/// Deletes the session `id` (of any provider); whether it was there.
+pub(super) fn remove_by_id(zone: &SessionZone, id: &SessionId) -> bool {
+    let lock = zone.lock();
+    let (table, pool) = (&mut lock.header.sessions, &lock.pool);
+    let Some(entry) = index::find(table.index(), id.key()) else {
+        return false;
+    };
+    // SAFETY: entries of the index are live sessions of the locked zone.
+    if !constant_time_eq(&unsafe { entry.as_ref() }.id, &id.0) {
+        return false;
+    }
+    table.delete(pool, entry);
+    true
 }
 
 /// Deletes every session whose `sub` is `sub`; returns how many.

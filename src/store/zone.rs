@@ -33,6 +33,8 @@ pub struct SessionZone {
     pub timeout_given: bool,
     /// The largest session record stored, bytes (`max_record=`).
     pub max_record: usize,
+    /// The shared store behind the zone (`store=`): the zone is its L1 cache.
+    pub remote: super::Remote,
     shm_zone: *mut ngx_shm_zone_t,
     shpool: *mut ngx_slab_pool_t,
     header: *mut ZoneHeader,
@@ -70,6 +72,7 @@ impl SessionZone {
             timeout,
             timeout_given: false,
             max_record,
+            remote: None,
             shm_zone: ptr::null_mut(),
             shpool: ptr::null_mut(),
             header: ptr::null_mut(),
