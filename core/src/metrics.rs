@@ -38,7 +38,7 @@ pub const LOGIN_FAILURES: [&str; 8] = [
 ];
 
 /// The provider endpoints a call is timed against, as `endpoint`; counters in this order.
-pub const ENDPOINTS: [&str; 4] = ["discovery", "jwks", "token", "userinfo"];
+pub const ENDPOINTS: [&str; 5] = ["discovery", "jwks", "token", "userinfo", "introspection"];
 
 /// Upper bounds of the call-latency histogram's buckets, in microseconds (`+Inf` follows).
 pub const LATENCY_BUCKETS_US: [u64; 11] = [
