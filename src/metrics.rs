@@ -178,9 +178,8 @@ pub fn attach_provider(mcf: &MainConf, provider: &Provider) {
     provider.metrics.shared.store(zone.shared, Ordering::Release);
 }
 
-/// Sets the global gauges (the outpost's sync state) from any thread of a worker.
-// The outpost's background task is its first user (it lands separately).
-#[allow(dead_code)]
+/// Sets the global gauges (the outpost's sync state) from any thread of a worker: the outpost
+/// task's thread sets them.
 #[derive(Debug, Clone, Copy)]
 pub struct GaugeHandle(*mut Shared);
 
@@ -190,7 +189,6 @@ unsafe impl Send for GaugeHandle {}
 // SAFETY: as above.
 unsafe impl Sync for GaugeHandle {}
 
-#[allow(dead_code)]
 impl GaugeHandle {
     pub fn set(&self, gauge: Gauge, value: i64) {
         // SAFETY: see the type.
@@ -201,7 +199,6 @@ impl GaugeHandle {
 }
 
 /// The gauges of this cycle's metrics zone; `None` when counting is off.
-#[allow(dead_code)]
 pub fn gauge_handle(mcf: &MainConf) -> Option<GaugeHandle> {
     let zone = mcf.metrics.as_ref()?;
     (!zone.shared.is_null()).then_some(GaugeHandle(zone.shared))

@@ -49,8 +49,9 @@ pub struct FromOutpost {
     pub slug: String,
     /// `access_token_validity`, seconds.
     pub session_lifetime: Option<i64>,
-    /// How `Authorization` headers are answered (header authentication).
-    #[allow(dead_code)] // read by header authentication
+    /// What authentik said about `Authorization` headers (its `intercept` is copied into
+    /// `Provider::intercept_header_auth`; the rest is kept for reference).
+    #[allow(dead_code)]
     pub header_auth: HeaderAuth,
 }
 
