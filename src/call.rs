@@ -113,6 +113,9 @@ pub struct CallState {
     in_flight: Cell<usize>,
     /// A discovery fetch is in flight; these calls wait for it.
     discovery_waiters: RefCell<Option<Vec<*mut CallHandle>>>,
+    /// Header authentications in flight, by cache id, with the calls waiting for each: many
+    /// requests with the same `Authorization` (a cache entry that just expired) make one call.
+    header_waiters: RefCell<Vec<([u8; 32], Vec<*mut CallHandle>)>>,
 }
 
 /// The heap object behind a call: nginx's thread task and the call, shared by the request and
@@ -172,8 +175,16 @@ pub fn start(
     keep: Option<Rc<Provider>>,
     call: Call,
 ) -> Result<*mut CallHandle, CallError> {
-    let wait = matches!(call, Call::Discovery { .. }) && state.discovery_in_flight();
-    if wait && state.waiter_count() >= MAX_DISCOVERY_WAITERS {
+    let header_key = header_key(&call);
+    let wait = match header_key {
+        Some(key) => state.header_in_flight(&key),
+        None => matches!(call, Call::Discovery { .. }) && state.discovery_in_flight(),
+    };
+    let waiting = match header_key {
+        Some(key) => state.header_waiter_count(&key),
+        None => state.waiter_count(),
+    };
+    if wait && waiting >= MAX_DISCOVERY_WAITERS {
         return Err(CallError::Busy);
     }
     if !wait && state.in_flight.get() >= state.max_in_flight {
@@ -181,7 +192,10 @@ pub fn start(
     }
     let handle = new_handle(r, runtime, state, keep, call)?;
     if wait {
-        state.push_waiter(handle);
+        match header_key {
+            Some(key) => state.push_header_waiter(&key, handle),
+            None => state.push_waiter(handle),
+        }
     } else {
         // SAFETY: `handle` is live; on failure the request's cleanup frees it (not finished,
         // so mark it finished first: nothing else will complete it).
@@ -211,6 +225,27 @@ impl CallState {
         if let Some(waiters) = self.discovery_waiters.borrow_mut().as_mut() {
             waiters.push(handle);
         }
+    }
+    fn header_in_flight(&self, key: &[u8; 32]) -> bool {
+        self.header_waiters.borrow().iter().any(|(k, _)| k == key)
+    }
+    fn header_waiter_count(&self, key: &[u8; 32]) -> usize {
+        self.header_waiters.borrow().iter().find(|(k, _)| k == key).map_or(0, |(_, w)| w.len())
+    }
+    fn push_header_waiter(&self, key: &[u8; 32], handle: *mut CallHandle) {
+        if let Some((_, waiters)) =
+            self.header_waiters.borrow_mut().iter_mut().find(|(k, _)| k == key)
+        {
+            waiters.push(handle);
+        }
+    }
+}
+
+/// The cache id of a header authentication (its single-flight key).
+fn header_key(call: &Call) -> Option<[u8; 32]> {
+    match call {
+        Call::HeaderAuth { cache_id, .. } => Some(cache_id.0),
+        _ => None,
     }
 }
 
@@ -263,10 +298,17 @@ unsafe fn post(handle: *mut CallHandle, pool: *mut ngx_thread_pool_t) -> Result<
     if matches!(h.call, Some(Call::Discovery { .. })) {
         *state.discovery_waiters.borrow_mut() = Some(Vec::new());
     }
+    let key = h.call.as_ref().and_then(header_key);
+    if let Some(key) = key {
+        state.header_waiters.borrow_mut().push((key, Vec::new()));
+    }
     // SAFETY: posts the handle's own task; it stays allocated until the completion event.
     if unsafe { ngx_thread_task_post(pool, &mut h.task) } != NGX_OK as isize {
         if matches!(h.call, Some(Call::Discovery { .. })) {
             wake_waiters(state);
+        }
+        if let Some(key) = key {
+            wake_header_waiters(state, &key);
         }
         return Err(CallError::Post);
     }
@@ -327,21 +369,42 @@ fn unix_now() -> i64 {
 unsafe extern "C" fn completed(ev: *mut ngx_event_t) {
     // SAFETY: the event's data is the handle posted in `post`.
     let handle = unsafe { (*ev).data as *mut CallHandle };
-    let (state, was_discovery) = {
+    let (state, was_discovery, key, _keep) = {
         // SAFETY: the handle is live until both sides are done with it.
         let h = unsafe { &mut *handle };
-        // SAFETY: the state lives in the configuration as long as the worker.
+        // SAFETY: the state lives in the configuration as long as the worker, or in the
+        // outpost provider `keep` holds (held here until the waiters are woken).
         let state = unsafe { &*h.state };
         if h.posted {
             h.posted = false;
             state.in_flight.set(state.in_flight.get().saturating_sub(1));
         }
-        (state, matches!(h.call, Some(Call::Discovery { .. })))
+        let key = h.call.as_ref().and_then(header_key);
+        (state, matches!(h.call, Some(Call::Discovery { .. })), key, h.keep.clone())
     };
     // SAFETY: `handle` is live; `finish` may free it.
     unsafe { finish(handle) };
     if was_discovery {
         wake_waiters(state);
+    }
+    if let Some(key) = key {
+        wake_header_waiters(state, &key);
+    }
+}
+
+/// Wakes the requests waiting for the header authentication of `key`: they find its answer
+/// in the zone's cache.
+fn wake_header_waiters(state: &CallState, key: &[u8; 32]) {
+    let waiters = {
+        let mut all = state.header_waiters.borrow_mut();
+        match all.iter().position(|(k, _)| k == key) {
+            Some(i) => all.swap_remove(i).1,
+            None => Vec::new(),
+        }
+    };
+    for handle in waiters {
+        // SAFETY: waiters stay allocated until woken (see `request_gone`).
+        unsafe { finish(handle) };
     }
 }
 

@@ -70,6 +70,11 @@ pub fn finished(
     id: &SessionId,
     result: Option<Result<Box<SessionRecord>, HeaderAuthError>>,
 ) {
+    // A call that waited for another request's identical one has no result: the decision
+    // runs again and finds that answer in the zone's cache.
+    if result.is_none() {
+        return;
+    }
     let outcome = outcome(r, provider, id, result);
     if let Some(ctx) = ctx::get(r) {
         ctx.header_auth = Some(outcome);

@@ -371,3 +371,17 @@ server {{
                  if name.startswith("authentik_requests") and ("outcome", "header_auth") in labels
                  and ("provider", "App") in labels]
     assert header_ok and header_ok[0] == 2, [(k, v) for k, v in samples.items() if k[0].startswith("authentik_requests")]
+
+
+def test_concurrent_requests_with_one_new_token_make_one_call_per_worker(nginx, authentik, upstream, tmp_path):
+    """Many requests at once with a token not cached yet (a cache entry that just expired, on a
+    busy API): one provider call per worker, the others wait for it; none gets a 503."""
+    import concurrent.futures
+    prov = start_app(nginx, authentik, tmp_path, upstream, workers=2)
+    token = app_token(authentik, prov)["access_token"]
+    authentik.faults(api_stall_ms=0)
+    authentik.oauth_calls(reset=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=48) as pool:
+        statuses = list(pool.map(lambda _: get(nginx, headers=bearer(token)).status_code, range(96)))
+    assert statuses == [200] * 96, sorted(set(statuses))
+    assert 1 <= len(introspections(authentik)) <= 2, introspections(authentik)
