@@ -26,10 +26,9 @@ use authentik_core::metrics::{
 use authentik_core::oidc::{CallTimer, Endpoint};
 use authentik_core::rules::Credential;
 use nginx_sys::{
-    ngx_buf_t, ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_output_filter, ngx_http_request_t,
-    ngx_http_send_header, ngx_int_t, ngx_pcalloc, ngx_shared_memory_add, ngx_shm_zone_t,
-    ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, ngx_uint_t, NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD,
-    NGX_HTTP_NOT_ALLOWED, NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_OK,
+    ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_int_t, ngx_shared_memory_add,
+    ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, ngx_uint_t, NGX_ERROR,
+    NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_NOT_ALLOWED, NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
@@ -39,7 +38,7 @@ use shared::{Shared, GAUGES};
 use crate::conf::MainConf;
 use crate::log::action;
 use crate::provider::Provider;
-use crate::{http, request_log, response, HttpAuthentikModule};
+use crate::{request_log, response, HttpAuthentikModule};
 
 /// The zone's name carries the layout's version: another layout is another zone.
 const ZONE_NAME: &str = "authentik_metrics_1";
@@ -355,36 +354,9 @@ fn serve(r: &mut ngx_http_request_t) -> ngx_int_t {
     send_text(r, &text)
 }
 
+/// The Prometheus text format, answered by the content handler (nginx finalizes).
 fn send_text(r: &mut ngx_http_request_t, text: &str) -> ngx_int_t {
-    let Some(body) = http::pool_str(r, text.as_bytes()) else {
-        return response::INTERNAL_ERROR;
-    };
-    http::add_response_header(r, &http::CACHE_CONTROL, b"no-store");
-    r.headers_out.status = 200;
-    r.headers_out.content_length_n = body.len as i64;
-    let ct = "text/plain; version=0.0.4; charset=utf-8";
-    r.headers_out.content_type = ngx_str_t { len: ct.len(), data: ct.as_ptr() as *mut u8 };
-    r.headers_out.content_type_len = ct.len();
-    r.headers_out.content_type_lowcase = ptr::null_mut();
-    // SAFETY: sends the header of the request we were handed.
-    let rc = unsafe { ngx_http_send_header(r) };
-    if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || r.header_only() != 0 {
-        return rc;
-    }
-    // SAFETY: buffer and chain are allocated from the request pool.
-    unsafe {
-        let b = ngx_pcalloc(r.pool, core::mem::size_of::<ngx_buf_t>()) as *mut ngx_buf_t;
-        if b.is_null() {
-            return NGX_ERROR as ngx_int_t;
-        }
-        (*b).pos = body.data;
-        (*b).last = body.data.add(body.len);
-        (*b).set_memory(1);
-        (*b).set_last_buf(1);
-        (*b).set_last_in_chain(1);
-        let mut out = ngx_chain_t { buf: b, next: ptr::null_mut() };
-        ngx_http_output_filter(r, &mut out)
-    }
+    response::write_body(r, 200, "text/plain; version=0.0.4; charset=utf-8", text)
 }
 
 /// The exposition: counters summed over the worker slots, zone use read from the zones.

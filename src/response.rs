@@ -62,13 +62,15 @@ pub fn send_text(r: &mut ngx_http_request_t, status: u32, text: &str) -> ngx_int
 fn send_body(r: &mut ngx_http_request_t, status: usize, ct: &'static str, body: &str) -> ngx_int_t {
     discard_body(r);
     let rp = r as *mut ngx_http_request_t;
-    let rc = send_body_inner(r, status, ct, body);
+    let rc = write_body(r, status, ct, body);
     // SAFETY: finalizes the request we were handed; it is not used afterwards.
     unsafe { ngx_http_finalize_request(rp, rc) };
     NGX_DONE as ngx_int_t
 }
 
-fn send_body_inner(
+/// Sends `status` with `body` (headers and the whole body) and returns nginx's result, without
+/// finalizing: for a content handler (nginx finalizes with the result), or `send_body`.
+pub fn write_body(
     r: &mut ngx_http_request_t,
     status: usize,
     ct: &'static str,
