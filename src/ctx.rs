@@ -106,3 +106,10 @@ pub fn get_or_create(r: &mut ngx_http_request_t) -> Option<&mut RequestCtx> {
         Some(&mut *((*cln).data as *mut RequestCtx))
     }
 }
+
+/// The outpost provider `provider` is, as this request holds it (a provider call keeps it alive
+/// with this); `None` for a block provider.
+pub fn held(r: &mut ngx_http_request_t, provider: &Provider) -> Option<Rc<Provider>> {
+    let ctx = get(r)?;
+    ctx.held.iter().find(|p| ptr::eq(Rc::as_ptr(p), provider)).cloned()
+}

@@ -3,9 +3,6 @@
 //! sign-out. Every wait for the provider is a `call::Call` started here and continued in
 //! `resume`.
 
-use core::ptr;
-use std::rc::Rc;
-
 use authentik_core::cookie::{self, CookieAttributes};
 use authentik_core::identity::check_proxy_overrides;
 use authentik_core::oidc::login::end_session_url;
@@ -228,8 +225,7 @@ pub fn start_call(r: &mut ngx_http_request_t, provider: &Provider, call: Call) -
         Call::Discovery { .. } => action::START_LOGIN,
     };
     // An outpost provider stays alive with the call (the request may go first).
-    let keep = ctx::get(r)
-        .and_then(|ctx| ctx.held.iter().find(|p| ptr::eq(Rc::as_ptr(p), provider)).cloned());
+    let keep = ctx::held(r, provider);
     match call::start(r, pool, &provider.runtime, &provider.calls, keep, call) {
         Ok(handle) => {
             let Some(ctx) = ctx::get(r) else {

@@ -128,9 +128,7 @@ pub fn lookup_on_miss(
     let pool = HttpAuthentikModule::main_conf(r)?.thread_pool;
     let lookup = Call::StoreSession { store: store.clone(), id, result: None };
     // An outpost provider stays alive with the call (the request may go first).
-    let keep = ctx::get(r).and_then(|ctx| {
-        ctx.held.iter().find(|p| core::ptr::eq(std::rc::Rc::as_ptr(p), provider)).cloned()
-    });
+    let keep = ctx::held(r, provider);
     match call::start(r, pool, &provider.runtime, &provider.calls, keep, lookup) {
         Ok(handle) => {
             ctx::get(r)?.call = handle;

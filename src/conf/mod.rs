@@ -237,33 +237,50 @@ fn emerg_at_origin(cf: &ngx_conf_t, msg: &str) -> *mut c_char {
 
 /* init and merge */
 
+const SEVERAL_ZONES: &str = "\"session_zone\" is required when several zones exist";
+const SEVERAL_ZONES_OUTPOST: &str = "\"session_zone=\" is required when several zones exist";
+
+/// The session zone a provider or the outpost names, else the only one; why not, in `nginx -t`'s
+/// words (`several`: what to say when several zones exist and none is named).
+#[allow(clippy::vec_box)]
+fn session_zone_named(
+    zones: &[Box<SessionZone>],
+    name: Option<&str>,
+    several: &str,
+) -> Result<*const SessionZone, String> {
+    let zone = match name {
+        Some(name) => zones.iter().find(|z| z.name == name),
+        None if zones.len() == 1 => zones.first(),
+        None => None,
+    };
+    match (zone, name, zones.len()) {
+        (Some(zone), _, _) => Ok(&**zone as *const SessionZone),
+        (None, Some(name), _) => Err(format!("unknown session zone \"{name}\"")),
+        (None, None, 0) => Err("no \"authentik_session_zone\" is defined".to_string()),
+        (None, None, _) => Err(several.to_string()),
+    }
+}
+
 pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) -> *mut c_char {
     conf_guard(|| {
         // SAFETY: `conf` is the MainConf this module's create_main_conf returned.
         let (cf, conf) = unsafe { (&mut *cf, &mut *(conf as *mut MainConf)) };
         for provider in conf.providers.iter_mut() {
-            let zone = match &provider.zone_name {
-                Some(name) => conf.zones.iter().find(|z| &z.name == name),
-                None if conf.zones.len() == 1 => conf.zones.first(),
-                None => None,
+            let zone =
+                session_zone_named(&conf.zones, provider.zone_name.as_deref(), SEVERAL_ZONES);
+            let zone = match zone {
+                Ok(zone) => zone,
+                Err(reason) => {
+                    return emerg!(
+                        cf,
+                        "authentik_provider \"{}\" defined in {}: {}",
+                        provider.settings().name,
+                        provider.declared_at,
+                        reason
+                    );
+                }
             };
-            let Some(zone) = zone else {
-                let reason = match (&provider.zone_name, conf.zones.len()) {
-                    (Some(name), _) => format!("unknown session zone \"{name}\""),
-                    (None, 0) => "no \"authentik_session_zone\" is defined".to_string(),
-                    (None, _) => {
-                        "\"session_zone\" is required when several zones exist".to_string()
-                    }
-                };
-                return emerg!(
-                    cf,
-                    "authentik_provider \"{}\" defined in {}: {}",
-                    provider.settings().name,
-                    provider.declared_at,
-                    reason
-                );
-            };
-            provider.zone = &**zone as *const SessionZone;
+            provider.zone = zone;
         }
         // Sessions are bound to (issuer, client_id) by a 32-bit key: two different pairs on one
         // zone must not share a key.
@@ -286,27 +303,22 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, conf: *mut c_void) 
             }
         }
         if let Some(outpost) = conf.outpost.as_mut() {
-            let zone = match &outpost.zone_name {
-                Some(name) => conf.zones.iter().find(|z| &z.name == name),
-                None if conf.zones.len() == 1 => conf.zones.first(),
-                None => None,
-            };
-            let Some(zone) = zone else {
-                let reason = match (&outpost.zone_name, conf.zones.len()) {
-                    (Some(name), _) => format!("unknown session zone \"{name}\""),
-                    (None, 0) => "no \"authentik_session_zone\" is defined".to_string(),
-                    (None, _) => {
-                        "\"session_zone=\" is required when several zones exist".to_string()
-                    }
-                };
-                return emerg!(
-                    cf,
-                    "authentik_outpost defined in {}: {}",
-                    outpost.declared_at,
-                    reason
-                );
-            };
-            outpost.session_zone = &**zone as *const SessionZone;
+            let zone = session_zone_named(
+                &conf.zones,
+                outpost.zone_name.as_deref(),
+                SEVERAL_ZONES_OUTPOST,
+            );
+            match zone {
+                Ok(zone) => outpost.session_zone = zone,
+                Err(reason) => {
+                    return emerg!(
+                        cf,
+                        "authentik_outpost defined in {}: {}",
+                        outpost.declared_at,
+                        reason
+                    );
+                }
+            }
         }
         // Background work (and its heartbeat zone) exists wherever sessions do.
         if !conf.zones.is_empty() && !crate::background::add_zone(cf).is_ok() {
